@@ -1,0 +1,169 @@
+"""Command line: ``memzoo train CONFIG [key=value ...]``, ``memzoo eval RUN_DIR``,
+``memzoo generate RUN_DIR --prompt TEXT``, ``memzoo models``, ``memzoo config CONFIG``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from memzoo.config import load_config
+    from memzoo.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    if summary.get("interrupted"):
+        return 0
+    out = {k: summary[k] for k in ("final_step", "heldout_loss", "heldout_bpb") if k in summary}
+    print(json.dumps({"run_dir": summary["run_dir"], **out}))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    import memzoo
+    from memzoo.data import build_tokenizer, heldout_batches
+    from memzoo.evaluate import heldout_metrics
+    from memzoo.train.step import make_eval_step
+
+    model, cfg = memzoo.load(args.run_dir, args.step)
+    tok = build_tokenizer(cfg.data)
+    batches = heldout_batches(
+        cfg.data, tok, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=args.batches
+    )
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+    res = heldout_metrics(
+        make_eval_step(graphdef),
+        params,
+        [{k: jax.numpy.asarray(v) for k, v in b.items()} for b in batches],
+        tok,
+    )
+    result = {"run_dir": str(args.run_dir), "step": model.restored_step, **res}
+    if args.max_new_tokens > 0:
+        prompt = args.prompt if args.prompt is not None else cfg.sample.prompt
+        ids = [tok.bos_id] + tok.encode(prompt)
+        out = memzoo.generate(
+            model,
+            np.asarray([ids], np.int32),
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+        result["sample"] = prompt + tok.decode([int(t) for t in out[0, len(ids) :]])
+    print(
+        f"{args.run_dir} @ step {result['step']}: heldout_loss {result['heldout_loss']:.4f} "
+        f"nats/token, heldout_bpb {result['heldout_bpb']:.4f} "
+        f"({result['heldout_tokens']} tokens)"
+    )
+    if "sample" in result:
+        print("sample:\n" + result["sample"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import memzoo
+    from memzoo.data import build_tokenizer
+
+    model, cfg = memzoo.load(args.run_dir, args.step)
+    tok = build_tokenizer(cfg.data)
+    ids = [tok.bos_id] + tok.encode(args.prompt)
+    out = memzoo.generate(
+        model,
+        np.asarray([ids], np.int32),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    print(args.prompt + tok.decode([int(t) for t in out[0, len(ids) :]]))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    import yaml
+
+    from memzoo.config import CONFIG_ROOT, available_models
+
+    for name in available_models():
+        data = yaml.safe_load((CONFIG_ROOT / "models" / f"{name}.yaml").read_text()) or {}
+        sizes = ", ".join(data.get("sizes", {}))
+        memory, pattern = data.get("memory", "-"), data.get("pattern", "M")
+        print(f"{name:20s} memory={memory:18s} pattern={pattern:6s} sizes: {sizes}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from memzoo.config import load_config
+    from memzoo.train.loop import config_summary
+
+    print(config_summary(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _add_sampling(p: argparse.ArgumentParser, default_tokens: int) -> None:
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--max-new-tokens", type=int, default=default_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memzoo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) a run from a config")
+    p.add_argument("config", help="run config, e.g. configs/train/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.d_model=256")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="held-out loss / bits per byte and a sample from a run")
+    p.add_argument("run_dir")
+    p.add_argument("--batches", type=int, default=8, help="held-out batches to score")
+    p.add_argument("--prompt", default=None, help="prompt for the sample (default: config)")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    _add_sampling(p, 96)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", required=True)
+    _add_sampling(p, 128)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("models", help="list model configs and their sizes")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("config", help="print the resolved config without training")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from memzoo.config import ConfigError
+    from memzoo.train.loop import TrainingError
+
+    try:
+        return args.func(args)
+    except (ConfigError, TrainingError, FileNotFoundError) as e:
+        print(f"memzoo: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""Typed run configuration: one documented base, per-model overlays, key=value overrides.
+
+Resolution order (MaxText style), validated once at start:
+
+1. ``configs/base.yaml`` (documents every key),
+2. the run file given on the command line (``configs/train/*.yaml``),
+3. ``key=value`` overrides with dotted keys (``model.d_model=256 optim.lr=1e-3``).
+
+``model: NAME`` (in a run file) or ``model=NAME`` (on the command line) swaps in
+``configs/models/NAME.yaml`` at its ``tiny`` size; ``NAME:SIZE`` picks another size. A mapping
+under ``model:`` may name ``preset: NAME[:SIZE]`` and override fields of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from memzoo.data.config import DataConfig, validate_data_config
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one line that names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gated_deltanet"
+    size: str = "tiny"
+    vocab_size: int = 0
+    d_model: int = 128
+    n_layers: int = 4
+    pattern: str = "M"
+    memory: str = "gated_deltanet"
+    num_heads: int = 4
+    head_dim: int = 0
+    expand_v: float = 1.0
+    use_short_conv: bool = True
+    conv_size: int = 4
+    use_output_gate: bool = True
+    chunk_size: int = 64
+    impl: str = "auto"
+    gate_low_rank: int = 16
+    hgrn_lower_bound: float = 0.0
+    mlp_ratio: float = 2.6875
+    attn_heads: int = 4
+    attn_kv_heads: int = 0
+    attn_window: int = 0
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    grad_accum: int = 1
+    precision: str = "fp32"
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 10
+    progress: bool = True
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "def "
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+
+
+@dataclass
+class Config:
+    run_name: str = "default"
+    output_dir: str = "runs"
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 256
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, known, n=1)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        tp = args[0]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    return value
+
+
+def _merge(target: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    """Set fields of a dataclass instance from a nested mapping, checking names and types."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' expects a mapping")
+    hints = _field_types(type(target))
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise _unknown_key(key, list(hints))
+        tp = hints[name]
+        if _is_dataclass_type(tp):
+            _merge(getattr(target, name), value, key + ".")
+        else:
+            setattr(target, name, _coerce(key, value, tp))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def available_models() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_ROOT / "models").glob("*.yaml"))
+
+
+def model_preset(spec: str) -> dict[str, Any]:
+    """The fields of ``configs/models/NAME.yaml`` at a size: ``NAME`` (tiny) or ``NAME:SIZE``."""
+    name, _, size = spec.partition(":")
+    size = size or "tiny"
+    path = CONFIG_ROOT / "models" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"model '{name}' has no config file configs/models/{name}.yaml; "
+            f"available: {', '.join(available_models())}"
+        )
+    data = _read_yaml(path)
+    sizes = data.pop("sizes", {}) or {}
+    if size not in sizes:
+        raise ConfigError(
+            f"model '{name}' has no size '{size}'; sizes: {', '.join(sorted(sizes)) or 'none'}"
+        )
+    data.update(sizes[size] or {})
+    data["name"] = name
+    data["size"] = size
+    return data
+
+
+def _apply_model_section(cfg: Config, section: Any, key: str) -> None:
+    if isinstance(section, str):
+        cfg.model = ModelConfig()
+        _merge(cfg.model, model_preset(section), "model.")
+    elif isinstance(section, dict):
+        section = dict(section)
+        preset = section.pop("preset", None)
+        if preset is not None:
+            cfg.model = ModelConfig()
+            _merge(cfg.model, model_preset(str(preset)), "model.")
+        _merge(cfg.model, section, "model.")
+    else:
+        raise ConfigError(f"config key '{key}' expects a model name or a mapping")
+
+
+def _apply_mapping(cfg: Config, data: dict[str, Any]) -> None:
+    data = dict(data)
+    if "model" in data:
+        _apply_model_section(cfg, data.pop("model"), "model")
+    _merge(cfg, data)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_override(cfg: Config, key: str, value: Any) -> None:
+    if key == "model":
+        _apply_model_section(cfg, str(value), key)
+        return
+    parts = key.split(".")
+    target: Any = cfg
+    for i, part in enumerate(parts):
+        hints = _field_types(type(target))
+        sub = ".".join(parts[: i + 1])
+        if part not in hints:
+            raise _unknown_key(sub, list(hints))
+        if i == len(parts) - 1:
+            if _is_dataclass_type(hints[part]):
+                _merge(getattr(target, part), value, sub + ".")
+            else:
+                setattr(target, part, _coerce(sub, value, hints[part]))
+        else:
+            if not _is_dataclass_type(hints[part]):
+                raise ConfigError(f"config key '{sub}' is not a section; cannot set '{key}'")
+            target = getattr(target, part)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: str | Path | None = None,
+) -> Config:
+    """Resolve base.yaml + run file + overrides into a validated :class:`Config`."""
+    cfg = Config()
+    base_path = Path(base) if base else CONFIG_ROOT / "base.yaml"
+    if base_path.is_file():
+        _apply_mapping(cfg, _read_yaml(base_path))
+    if path is not None:
+        _apply_mapping(cfg, _read_yaml(Path(path)))
+    items = [parse_override(o) for o in overrides or []]
+    # A model swap comes first so that model.* overrides apply on top of it.
+    for key, value in sorted(items, key=lambda kv: kv[0] != "model"):
+        apply_override(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from a saved resolved dict (e.g. runs/NAME/config.yaml)."""
+    cfg = Config()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def layer_kinds(m: ModelConfig) -> list[str]:
+    """Expand the layer pattern into one mixer name per layer.
+
+    ``pattern`` is either letters (``M`` = ``model.memory``, ``A`` = softmax attention; e.g.
+    ``MMMA`` is a 3:1 hybrid) or comma-separated mixer names (``gated_deltanet,attention``). It
+    repeats to fill ``n_layers``.
+    """
+    pat = m.pattern.strip()
+    if pat and set(pat) <= {"M", "A"}:
+        names = [m.memory if ch == "M" else "attention" for ch in pat]
+    else:
+        names = [p.strip() for p in pat.split(",") if p.strip()]
+    if not names:
+        raise ConfigError("model.pattern is empty")
+    if m.n_layers % len(names):
+        raise ConfigError(
+            f"model.n_layers={m.n_layers} is not a multiple of the pattern length "
+            f"{len(names)} ('{m.pattern}')"
+        )
+    return names * (m.n_layers // len(names))
+
+
+def validate(cfg: Config) -> None:
+    """Check every cross-field constraint once, at start, with one-line errors."""
+    from memzoo.memories import memory_names  # local: keeps `import memzoo.config` light
+
+    m = cfg.model
+    _check(cfg.steps >= 0, f"steps must be >= 0, got {cfg.steps}")
+    _check(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")
+    _check(cfg.seq_len > 0, f"seq_len must be > 0, got {cfg.seq_len}")
+    _check(bool(cfg.run_name) and "/" not in cfg.run_name, f"run_name '{cfg.run_name}' is invalid")
+    _check(m.d_model > 0 and m.n_layers > 0, "model.d_model and model.n_layers must be > 0")
+    _check(
+        m.d_model % m.num_heads == 0,
+        f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}",
+    )
+    _check(m.chunk_size > 0, f"model.chunk_size must be > 0, got {m.chunk_size}")
+    _check(m.conv_size >= 1, f"model.conv_size must be >= 1, got {m.conv_size}")
+    _check(m.expand_v > 0, f"model.expand_v must be > 0, got {m.expand_v}")
+    dk = m.head_dim or m.d_model // m.num_heads
+    _check(
+        float(dk * m.expand_v).is_integer(),
+        f"model.expand_v={m.expand_v} times head_dim={dk} is not an integer",
+    )
+    _check(m.impl in ("auto", "scan", "xla", "pallas_tpu", "pallas_gpu"), f"model.impl '{m.impl}'")
+    kinds = layer_kinds(m)
+    known = set(memory_names()) | {"attention"}
+    for k in kinds:
+        _check(
+            k in known,
+            f"unknown memory '{k}' in model.pattern/model.memory; "
+            f"known: {', '.join(sorted(known))}",
+        )
+    if "attention" in kinds:
+        kv = m.attn_kv_heads or m.attn_heads
+        _check(
+            m.d_model % m.attn_heads == 0,
+            f"model.attn_heads={m.attn_heads} does not divide model.d_model={m.d_model}",
+        )
+        _check(
+            m.attn_heads % kv == 0,
+            f"model.attn_kv_heads={kv} does not divide model.attn_heads={m.attn_heads}",
+        )
+        _check((m.d_model // m.attn_heads) % 2 == 0, "attention head dim must be even for RoPE")
+    _check(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
+    _check(0.0 <= m.hgrn_lower_bound < 1.0, "model.hgrn_lower_bound must be in [0, 1)")
+    o = cfg.optim
+    _check(
+        o.schedule in ("cosine", "wsd", "constant"),
+        f"optim.schedule '{o.schedule}' is not one of cosine, wsd, constant",
+    )
+    _check(o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be > 0, got {o.lr}")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    _check(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction must be in [0, 1]")
+    t = cfg.train
+    _check(t.grad_accum >= 1, "train.grad_accum must be >= 1")
+    _check(
+        cfg.batch_size % t.grad_accum == 0,
+        f"train.grad_accum={t.grad_accum} does not divide batch_size={cfg.batch_size}",
+    )
+    _check(t.precision in ("fp32", "bf16"), f"train.precision '{t.precision}' is not fp32 or bf16")
+    _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be 'stop' or 'skip'")
+    for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        _check(getattr(t, k) > 0, f"train.{k} must be > 0, got {getattr(t, k)}")
+    _check(t.eval_batches >= 0, "train.eval_batches must be >= 0")
+    try:
+        validate_data_config(cfg.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -1,0 +1,18 @@
+"""Memories: token mixers with a recurrent state, registered by config name."""
+
+from memzoo.memories import linear as _linear  # noqa: F401  (registers the presets)
+from memzoo.memories.base import Memory, build_memory, memory_names, register_memory
+from memzoo.memories.linear import PRESETS, LinearMemory, LinearMemorySpec
+
+MEMORY_NAMES = tuple(memory_names())
+
+__all__ = [
+    "MEMORY_NAMES",
+    "PRESETS",
+    "LinearMemory",
+    "LinearMemorySpec",
+    "Memory",
+    "build_memory",
+    "memory_names",
+    "register_memory",
+]

@@ -1,0 +1,174 @@
+"""The language model: token embedding, a stack of pre-norm blocks, output head.
+
+    h = Embed(tokens)
+    for each layer l:  h = h + Mixer_l(RMSNorm(h));  h = h + SwiGLU(RMSNorm(h))
+    logits = Head(RMSNorm(h))            (tied: Embed^T)
+
+``Mixer_l`` is a :class:`MemoryLayer` or softmax :class:`Attention`, from the config's layer
+pattern (``MMMA`` = three memory layers then one attention layer, repeated), so pure models,
+24:1 ... 3:1 hybrids and a pure Transformer are configs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memzoo.config import ModelConfig, layer_kinds
+from memzoo.layers.attention import Attention
+from memzoo.layers.memory_layer import MemoryLayer
+from memzoo.layers.mlp import SwiGLU
+from memzoo.layers.norms import RMSNorm
+
+Array = jax.Array
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """SwiGLU width: mlp_ratio * d_model rounded up to a multiple of 32."""
+    return int(math.ceil(cfg.mlp_ratio * cfg.d_model / 32) * 32)
+
+
+def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs):
+    if kind == "attention":
+        return Attention(
+            cfg.d_model,
+            cfg.attn_heads,
+            cfg.attn_kv_heads or cfg.attn_heads,
+            window=cfg.attn_window,
+            rope_theta=cfg.rope_theta,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+    return MemoryLayer(
+        kind,
+        d_model=cfg.d_model,
+        num_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        expand_v=cfg.expand_v,
+        use_short_conv=cfg.use_short_conv,
+        conv_size=cfg.conv_size,
+        use_output_gate=cfg.use_output_gate,
+        norm_eps=cfg.norm_eps,
+        init_std=cfg.init_std,
+        layer_idx=layer_idx,
+        n_layers=cfg.n_layers,
+        chunk_size=cfg.chunk_size,
+        impl=cfg.impl,
+        gate_low_rank=cfg.gate_low_rank,
+        hgrn_lower_bound=cfg.hgrn_lower_bound,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+class Block(nnx.Module):
+    def __init__(self, kind: str, cfg: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.kind = kind
+        self.norm1 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, **kw)
+        self.mixer = build_mixer(kind, cfg, layer_idx, **kw)
+        self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, **kw)
+        self.mlp = SwiGLU(cfg.d_model, mlp_hidden(cfg), **kw)
+
+    def __call__(self, h: Array, *, segment_ids=None, cache=None) -> tuple[Array, Any]:
+        y, cache = self.mixer(self.norm1(h), segment_ids=segment_ids, cache=cache)
+        h = h + y.astype(h.dtype)
+        h = h + self.mlp(self.norm2(h)).astype(h.dtype)
+        return h, cache
+
+
+class LM(nnx.Module):
+    """Decoder-only LM over any mix of memories and attention layers."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (> 0) before building the LM")
+        self.label = f"{cfg.name}:{cfg.size}"
+        self.dtype = dtype
+        self.kinds = tuple(layer_kinds(cfg))
+        self.embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=nnx.initializers.normal(cfg.init_std),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.blocks = nnx.List(
+            [
+                Block(kind, cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for i, kind in enumerate(self.kinds)
+            ]
+        )
+        self.final_norm = RMSNorm(
+            cfg.d_model, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        if not cfg.tie_embeddings:
+            self.head = nnx.Linear(
+                cfg.d_model,
+                cfg.vocab_size,
+                use_bias=False,
+                kernel_init=nnx.initializers.normal(cfg.init_std),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        else:
+            self.head = None
+
+    def init_cache(self, batch_size: int, max_len: int) -> list:
+        """Per-layer caches: KV buffers for attention, conv tail + state for memories."""
+        return [b.mixer.init_cache(batch_size, max_len, self.dtype) for b in self.blocks]
+
+    def __call__(
+        self,
+        tokens: Array,
+        *,
+        segment_ids: Array | None = None,
+        cache: list | None = None,
+    ) -> tuple[Array, list | None]:
+        """tokens int [B, T] -> (logits fp32 [B, T, V], updated cache or None)."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        h = self.embed(tokens)
+        new_cache = None if cache is None else []
+        for i, block in enumerate(self.blocks):
+            h, c = block(h, segment_ids=segment_ids, cache=None if cache is None else cache[i])
+            if new_cache is not None:
+                new_cache.append(c)
+        h = self.final_norm(h)
+        logits = self.embed.attend(h) if self.head is None else self.head(h)
+        return logits.astype(jnp.float32), new_cache
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def build_model(cfg: ModelConfig, *, seed: int = 0, precision: str = "fp32") -> LM:
+    """Build the LM for a model config; ``precision="bf16"`` computes in bf16 with fp32 params."""
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    return LM(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(params=seed))
+
+
+def describe(model: LM) -> str:
+    n = count_params(model)
+    emb = model.embed.embedding[...].size
+    pattern = "".join("A" if k == "attention" else "M" for k in model.kinds)
+    return (
+        f"model {model.label}  layers {pattern}  "
+        f"params {n / 1e6:.2f}M ({(n - emb) / 1e6:.2f}M non-embedding)"
+    )

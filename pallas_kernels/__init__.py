@@ -1,0 +1,33 @@
+"""Recurrence ops for memzoo (jax / numpy only, never flax).
+
+Layout [batch, time, heads, dim]. Every full-sequence op returns ``(y, final_state)`` and takes
+``initial_state, segment_ids, chunk_size, scale, impl`` keywords; ``impl`` is one of "auto",
+"scan" (exact lax.scan reference), "xla" (chunked parallel form), "pallas_tpu", "pallas_gpu"
+(kernels registered with :func:`register_kernel`).
+"""
+
+from .ops import (
+    VALID_IMPLS,
+    delta_rule,
+    delta_rule_step,
+    gla,
+    gla_step,
+    hgrn,
+    hgrn_step,
+    register_kernel,
+    registered_kernel,
+    unregister_kernel,
+)
+
+__all__ = [
+    "VALID_IMPLS",
+    "delta_rule",
+    "delta_rule_step",
+    "gla",
+    "gla_step",
+    "hgrn",
+    "hgrn_step",
+    "register_kernel",
+    "registered_kernel",
+    "unregister_kernel",
+]
