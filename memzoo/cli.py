@@ -46,6 +46,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         tok,
     )
     result = {"run_dir": str(args.run_dir), "step": model.restored_step, **res}
+    for key in ("max_new_tokens", "temperature", "top_k"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(cfg.sample, key))
     if args.max_new_tokens > 0:
         prompt = args.prompt if args.prompt is not None else cfg.sample.prompt
         ids = [tok.bos_id] + tok.encode(prompt)
@@ -112,11 +115,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sampling(p: argparse.ArgumentParser, default_tokens: int) -> None:
+def _add_sampling(p: argparse.ArgumentParser, default_tokens: int | None) -> None:
+    dflt = " (default: the run's sample config)" if default_tokens is None else ""
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--max-new-tokens", type=int, default=default_tokens)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=default_tokens, help="0 = no sample" + dflt
+    )
+    p.add_argument("--temperature", type=float, default=None if default_tokens is None else 0.0)
+    p.add_argument("--top-k", type=int, default=None if default_tokens is None else 0)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -134,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=8, help="held-out batches to score")
     p.add_argument("--prompt", default=None, help="prompt for the sample (default: config)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
-    _add_sampling(p, 96)
+    _add_sampling(p, None)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("generate", help="continue a prompt with a trained run")

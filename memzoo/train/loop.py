@@ -110,8 +110,13 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Train (or resume) the run described by ``cfg``; returns a summary dict."""
+def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
+    """Train (or resume) the run described by ``cfg``; returns a summary dict.
+
+    ``stop_at`` ends this invocation after that global step as a preemption would (checkpoint,
+    clean return), for time-sliced jobs; rerunning resumes. The summary holds ``losses`` (one
+    per step run here), ``start_step``, ``final_step`` and the last held-out metrics.
+    """
     run_dir = cfg.run_dir
     tokenizer = build_tokenizer(cfg.data)
     if cfg.model.vocab_size == 0:
@@ -266,8 +271,8 @@ def train(cfg: Config) -> dict[str, Any]:
                         (progress.write if progress is not None else _log)(msg)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.steps:
                     save(step, force=True)
-                if stop.signal is not None:
-                    name = signal.Signals(stop.signal).name
+                if stop.signal is not None or step == stop_at:
+                    name = "stop_at" if stop.signal is None else signal.Signals(stop.signal).name
                     save(step, force=True)
                     ckpt.wait()
                     _log(

@@ -1,0 +1,37 @@
+# memzoo: the two commands a fresh machine needs (only Python >= 3.11 required).
+#   make quickstart   set up, train the quickstart config on the embedded data, evaluate it
+#   make test         set up, lint, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?= -n 2
+
+.PHONY: install quickstart test lint format clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/memzoo train configs/train/quickstart.yaml $(ARGS)
+	$(BIN)/memzoo eval runs/quickstart
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	JAX_PLATFORMS=cpu $(BIN)/pytest $(PYTEST_ARGS) tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
