@@ -24,7 +24,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import jax
-    import numpy as np
 
     import memzoo
     from memzoo.data import build_tokenizer, heldout_batches
@@ -51,16 +50,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             setattr(args, key, getattr(cfg.sample, key))
     if args.max_new_tokens > 0:
         prompt = args.prompt if args.prompt is not None else cfg.sample.prompt
-        ids = [tok.bos_id] + tok.encode(prompt)
-        out = memzoo.generate(
-            model,
-            np.asarray([ids], np.int32),
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            seed=args.seed,
-        )
-        result["sample"] = prompt + tok.decode([int(t) for t in out[0, len(ids) :]])
+        result["sample"] = _continue(model, tok, prompt, args)
     print(
         f"{args.run_dir} @ step {result['step']}: heldout_loss {result['heldout_loss']:.4f} "
         f"nats/token, heldout_bpb {result['heldout_bpb']:.4f} "
@@ -73,15 +63,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def _continue(model, tok, prompt: str, args: argparse.Namespace) -> str:
+    """The prompt followed by the model's continuation (sampling settings from ``args``)."""
     import numpy as np
 
     import memzoo
-    from memzoo.data import build_tokenizer
 
-    model, cfg = memzoo.load(args.run_dir, args.step)
-    tok = build_tokenizer(cfg.data)
-    ids = [tok.bos_id] + tok.encode(args.prompt)
+    ids = [tok.bos_id] + tok.encode(prompt)
     out = memzoo.generate(
         model,
         np.asarray([ids], np.int32),
@@ -90,7 +78,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
-    print(args.prompt + tok.decode([int(t) for t in out[0, len(ids) :]]))
+    return prompt + tok.decode([int(t) for t in out[0, len(ids) :]])
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import memzoo
+    from memzoo.data import build_tokenizer
+
+    model, cfg = memzoo.load(args.run_dir, args.step)
+    print(_continue(model, build_tokenizer(cfg.data), args.prompt, args))
     return 0
 
 

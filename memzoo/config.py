@@ -13,6 +13,7 @@ under ``model:`` may name ``preset: NAME[:SIZE]`` and override fields of it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -60,6 +61,17 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    mlp_type: str = "swiglu"
+    norm_type: str = "rms"
+    abs_pos_emb: bool = False
+    max_seq_len: int = 2048
+    mom_num_memories: int = 4
+    mom_top_k: int = 2
+    mom_shared_memory: bool = True
+    mom_aux_loss_scale: float = 1e-3
+    gam_num_slots: int = 512
+    gam_local_kernel: int = 3
+    gam_scaled: bool = False
 
 
 @dataclass
@@ -159,6 +171,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if isinstance(value, str) and tp in (int, float):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept any numeric literal.
+        with contextlib.suppress(ValueError):
+            value = float(value) if tp is float or not value.lstrip("+-").isdigit() else int(value)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -393,6 +409,22 @@ def validate(cfg: Config) -> None:
         )
         _check((m.d_model // m.attn_heads) % 2 == 0, "attention head dim must be even for RoPE")
     _check(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
+    _check(m.mlp_type in ("swiglu", "gelu"), f"model.mlp_type '{m.mlp_type}' is not swiglu or gelu")
+    _check(m.norm_type in ("rms", "layer"), f"model.norm_type '{m.norm_type}' is not rms or layer")
+    if m.abs_pos_emb:
+        _check(
+            m.max_seq_len >= cfg.seq_len,
+            f"model.max_seq_len={m.max_seq_len} is smaller than seq_len={cfg.seq_len} "
+            "(needed with model.abs_pos_emb=true)",
+        )
+    _check(
+        1 <= m.mom_top_k <= m.mom_num_memories,
+        f"model.mom_top_k={m.mom_top_k} must be in [1, model.mom_num_memories="
+        f"{m.mom_num_memories}]",
+    )
+    _check(m.mom_aux_loss_scale >= 0, "model.mom_aux_loss_scale must be >= 0")
+    _check(m.gam_num_slots >= 1, f"model.gam_num_slots must be >= 1, got {m.gam_num_slots}")
+    _check(m.gam_local_kernel >= 1, "model.gam_local_kernel must be >= 1")
     _check(0.0 <= m.hgrn_lower_bound < 1.0, "model.hgrn_lower_bound must be in [0, 1)")
     o = cfg.optim
     _check(

@@ -7,6 +7,11 @@
     y = W_o GatedRMSNorm(o, x W_g)                   (norm over each head's value dim)
 
 The cache for decoding is ``{"conv": last K-1 projected inputs, "state": memory state}``.
+
+A memory may declare ``num_kv > 1`` key/value projection sets (MoM: one per memory); then k
+and v come as ``[B, T, num_kv, H, d]`` (the conv runs over all of them, per sequence). A memory
+that declares ``owns_layer = True`` (GAM) is a complete mixer: the layer only delegates its
+call and cache to it.
 """
 
 from __future__ import annotations
@@ -61,10 +66,14 @@ class MemoryLayer(nnx.Module):
             rngs=rngs,
             **memory_kwargs,
         )
+        self.owns_layer = bool(getattr(self.memory, "owns_layer", False))
+        if self.owns_layer:
+            return
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         init = nnx.initializers.normal(init_std)
         self.uses_key = self.memory.uses_key
-        width = num_heads * (dk * (2 if self.uses_key else 1) + dv)
+        self.num_kv = int(getattr(self.memory, "num_kv", 1))
+        width = num_heads * (dk * (1 + self.num_kv * int(self.uses_key)) + self.num_kv * dv)
         self.in_proj = nnx.Linear(d_model, width, use_bias=False, kernel_init=init, **kw)
         self.conv = ShortConv(width, conv_size, **kw) if use_short_conv else None
         self.use_output_gate = use_output_gate
@@ -78,6 +87,8 @@ class MemoryLayer(nnx.Module):
         self.o_proj = nnx.Linear(num_heads * dv, d_model, use_bias=False, kernel_init=init, **kw)
 
     def init_cache(self, batch_size: int, max_len: int = 0, dtype: Any = jnp.float32) -> dict:
+        if self.owns_layer:
+            return self.memory.init_cache(batch_size, max_len, dtype)
         cache: dict[str, Any] = {"state": self.memory.init_state(batch_size)}
         if self.conv is not None:
             cache["conv"] = self.conv.init_cache(batch_size, dtype)
@@ -86,17 +97,21 @@ class MemoryLayer(nnx.Module):
     def _split(self, h: Array) -> tuple[Array, Array, Array]:
         B, T, _ = h.shape
         H, dk, dv = self.num_heads, self.dk, self.dv
+        n = self.num_kv
         q = h[..., : H * dk].reshape(B, T, H, dk)
+        lead = (B, T, H) if n == 1 else (B, T, n, H)
         if self.uses_key:
-            k = h[..., H * dk : 2 * H * dk].reshape(B, T, H, dk)
+            k = h[..., H * dk : (1 + n) * H * dk].reshape(*lead, dk)
         else:
             k = q  # placeholder: the memory derives its key (e.g. tied k = 1 - a)
-        v = h[..., -H * dv :].reshape(B, T, H, dv)
+        v = h[..., -n * H * dv :].reshape(*lead, dv)
         return q, k, v
 
     def __call__(
         self, x: Array, *, segment_ids: Array | None = None, cache: dict | None = None
     ) -> tuple[Array, dict | None]:
+        if self.owns_layer:
+            return self.memory(x, segment_ids=segment_ids, cache=cache)
         if cache is not None and segment_ids is not None:
             raise ValueError("MemoryLayer: segment_ids are not supported together with a cache")
         B, T, _ = x.shape

@@ -1,8 +1,11 @@
 """The language model: token embedding, a stack of pre-norm blocks, output head.
 
-    h = Embed(tokens)
-    for each layer l:  h = h + Mixer_l(RMSNorm(h));  h = h + SwiGLU(RMSNorm(h))
-    logits = Head(RMSNorm(h))            (tied: Embed^T)
+    h = Embed(tokens) (+ PosEmbed(position) with model.abs_pos_emb)
+    for each layer l:  h = h + Mixer_l(Norm(h));  h = h + FFN(Norm(h))
+    logits = Head(Norm(h))               (tied: Embed^T)
+
+Norm is RMSNorm (default) or LayerNorm (``model.norm_type=layer``); FFN is SwiGLU (default) or
+a GELU MLP (``model.mlp_type=gelu``, GAM's pre-LN block).
 
 ``Mixer_l`` is a :class:`MemoryLayer` or softmax :class:`Attention`, from the config's layer
 pattern (``MMMA`` = three memory layers then one attention layer, repeated), so pure models,
@@ -23,6 +26,7 @@ from memzoo.layers.attention import Attention
 from memzoo.layers.memory_layer import MemoryLayer
 from memzoo.layers.mlp import SwiGLU
 from memzoo.layers.norms import RMSNorm
+from memzoo.layers.rope import segment_positions
 
 Array = jax.Array
 
@@ -30,6 +34,43 @@ Array = jax.Array
 def mlp_hidden(cfg: ModelConfig) -> int:
     """SwiGLU width: mlp_ratio * d_model rounded up to a multiple of 32."""
     return int(math.ceil(cfg.mlp_ratio * cfg.d_model / 32) * 32)
+
+
+class GeluMLP(nnx.Module):
+    """Transformer FFN ``y = W2 GELU(W1 x + b1) + b2`` (tanh-approximate GELU)."""
+
+    def __init__(self, d_model: int, hidden_dim: int, *, dtype, param_dtype, rngs):
+        self.dtype = dtype
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.up = nnx.Linear(d_model, hidden_dim, **kw)
+        self.down = nnx.Linear(hidden_dim, d_model, **kw)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down(jax.nn.gelu(self.up(x.astype(self.dtype))))
+
+
+def build_norm(cfg: ModelConfig, *, dtype, param_dtype, rngs):
+    if cfg.norm_type == "layer":
+        return nnx.LayerNorm(
+            cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+    return RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def mixer_options(kind: str, cfg: ModelConfig) -> dict[str, Any]:
+    """Config keys only some memories take."""
+    if kind == "mom":
+        return dict(
+            num_memories=cfg.mom_num_memories,
+            top_k=cfg.mom_top_k,
+            shared_memory=cfg.mom_shared_memory,
+            aux_loss_scale=cfg.mom_aux_loss_scale,
+        )
+    if kind == "gam":
+        return dict(
+            num_slots=cfg.gam_num_slots, local_kernel=cfg.gam_local_kernel, scaled=cfg.gam_scaled
+        )
+    return {}
 
 
 def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs):
@@ -64,6 +105,7 @@ def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int, *, dtype, param_dty
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,
+        **mixer_options(kind, cfg),
     )
 
 
@@ -71,10 +113,13 @@ class Block(nnx.Module):
     def __init__(self, kind: str, cfg: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.kind = kind
-        self.norm1 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, **kw)
+        self.norm1 = build_norm(cfg, **kw)
         self.mixer = build_mixer(kind, cfg, layer_idx, **kw)
-        self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, **kw)
-        self.mlp = SwiGLU(cfg.d_model, mlp_hidden(cfg), **kw)
+        self.norm2 = build_norm(cfg, **kw)
+        if cfg.mlp_type == "gelu":
+            self.mlp = GeluMLP(cfg.d_model, mlp_hidden(cfg), **kw)
+        else:
+            self.mlp = SwiGLU(cfg.d_model, mlp_hidden(cfg), **kw)
 
     def __call__(self, h: Array, *, segment_ids=None, cache=None) -> tuple[Array, Any]:
         y, cache = self.mixer(self.norm1(h), segment_ids=segment_ids, cache=cache)
@@ -113,9 +158,18 @@ class LM(nnx.Module):
                 for i, kind in enumerate(self.kinds)
             ]
         )
-        self.final_norm = RMSNorm(
-            cfg.d_model, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+        self.final_norm = build_norm(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.abs_pos_emb = cfg.abs_pos_emb
+        if cfg.abs_pos_emb:
+            self.max_seq_len = cfg.max_seq_len
+            self.pos_embed = nnx.Embed(
+                cfg.max_seq_len,
+                cfg.d_model,
+                embedding_init=nnx.initializers.normal(cfg.init_std),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
         if not cfg.tie_embeddings:
             self.head = nnx.Linear(
                 cfg.d_model,
@@ -130,8 +184,12 @@ class LM(nnx.Module):
             self.head = None
 
     def init_cache(self, batch_size: int, max_len: int) -> list:
-        """Per-layer caches: KV buffers for attention, conv tail + state for memories."""
-        return [b.mixer.init_cache(batch_size, max_len, self.dtype) for b in self.blocks]
+        """Per-layer caches: KV buffers for attention, conv tail + state for memories; with
+        absolute position embeddings a last entry ``{"pos": int32 []}`` (tokens seen)."""
+        caches = [b.mixer.init_cache(batch_size, max_len, self.dtype) for b in self.blocks]
+        if self.abs_pos_emb:
+            caches.append({"pos": jnp.zeros((), jnp.int32)})
+        return caches
 
     def __call__(
         self,
@@ -144,11 +202,22 @@ class LM(nnx.Module):
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
         h = self.embed(tokens)
+        if self.abs_pos_emb:
+            T = tokens.shape[1]
+            if segment_ids is not None:
+                pos = segment_positions(segment_ids)  # restarts at every document
+            else:
+                start = jnp.zeros((), jnp.int32) if cache is None else cache[-1]["pos"]
+                pos = (start + jnp.arange(T, dtype=jnp.int32))[None, :]
+            # positions past max_seq_len clip to the last embedding (documented limit)
+            h = h + self.pos_embed(jnp.minimum(pos, self.max_seq_len - 1)).astype(h.dtype)
         new_cache = None if cache is None else []
         for i, block in enumerate(self.blocks):
             h, c = block(h, segment_ids=segment_ids, cache=None if cache is None else cache[i])
             if new_cache is not None:
                 new_cache.append(c)
+        if new_cache is not None and self.abs_pos_emb:
+            new_cache.append({"pos": cache[-1]["pos"] + tokens.shape[1]})
         h = self.final_norm(h)
         logits = self.embed.attend(h) if self.head is None else self.head(h)
         return logits.astype(jnp.float32), new_cache

@@ -197,8 +197,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
     def evaluate(step: int) -> dict:
         if not eval_batches:
             return {}
-        with mesh:
-            res = heldout_metrics(eval_step, params, [put(b) for b in eval_batches], tokenizer)
+        res = heldout_metrics(eval_step, params, [put(b) for b in eval_batches], tokenizer)
         writer.write({"step": step, **res})
         return res
 
@@ -215,7 +214,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
     t_last, tok_last = time.perf_counter(), 0
     last_eval: dict = {}
     try:
-        with _StopFlag() as stop, mesh:
+        with _StopFlag() as stop:
             if start == 0 and eval_batches:
                 last_eval = evaluate(0)
                 _log(f"step 0: heldout_bpb {last_eval['heldout_bpb']:.4f}")
@@ -256,6 +255,10 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
                         "tokens_seen": step * tokens_per_step,
                         "skipped_steps": skipped,
                     }
+                    if "aux_loss" in m:  # MoM: load-balancing loss (included in "loss")
+                        rec["aux_loss"] = float(m["aux_loss"])
+                    if "mom_load" in m:  # MoM: fraction of routed slots per [layer][memory]
+                        rec["mom_load"] = np.asarray(m["mom_load"]).round(6).tolist()
                     writer.write(rec)
                     if progress is not None:
                         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")

@@ -2,6 +2,13 @@
 
 Parameters are split from the NNX graph (``nnx.split``) so the steps are pure functions of
 arrays: ``train_step(params, opt_state, batch) -> (params, opt_state, metrics)``.
+
+Auxiliary losses (MoM's load balancing) are sown by layers as ``nnx.Intermediate``
+``aux_loss`` values, only under ``nnx.capture``. The train step runs :func:`lm_loss` under
+capture and optimises ``(NLL_sum + aux * count) / count = NLL_mean + aux`` (aux summed over
+layers); it reports ``aux_loss`` and ``mom_load`` (per-layer token fractions per memory) when a
+model sows them. The eval step calls :func:`lm_loss` without capture: held-out loss stays NLL.
+Models that sow nothing train exactly as before (nothing is added to their loss).
 """
 
 from __future__ import annotations
@@ -24,6 +31,33 @@ def lm_loss(model: nnx.Module, batch: dict[str, Array]) -> tuple[Array, Array]:
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
+def _named(inter: Any, name: str) -> list[Array]:
+    """Values sown under ``name`` (in module order), from a captured intermediates State."""
+    out = []
+    for path, var in nnx.to_flat_state(inter):
+        if path and path[-1] == name:
+            vals = var.get_value() if hasattr(var, "get_value") else var
+            out.extend(vals if isinstance(vals, tuple) else (vals,))
+    return out
+
+
+def loss_with_aux(model: nnx.Module, batch: dict[str, Array]) -> tuple[Array, Any]:
+    """Training objective: ``lm_loss`` under ``nnx.capture``; returns ``(summed loss,
+    (count, extras))`` with ``summed loss = NLL_sum + aux * count`` when the model sows aux
+    losses, and extras ``{"aux_loss": [], "mom_load": [layers, M]}`` (empty when none)."""
+    (loss_sum, count), inter = nnx.capture(lm_loss, nnx.Intermediate)(model, batch)
+    extras: dict[str, Array] = {}
+    aux = _named(inter, "aux_loss")
+    if aux:
+        total = sum(jnp.asarray(a, jnp.float32) for a in aux)
+        loss_sum = loss_sum + total * jax.lax.stop_gradient(jnp.maximum(count, 1.0))
+        extras["aux_loss"] = total
+    load = _named(inter, "mom_load")
+    if load:
+        extras["mom_load"] = jnp.stack([jnp.asarray(x, jnp.float32) for x in load])
+    return loss_sum, (count, extras)
+
+
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, grad_accum: int):
     """A jitted step. The global batch is split into ``grad_accum`` micro-batches whose summed
     gradients are normalised by the total token count, so accumulation equals one big batch.
@@ -31,14 +65,14 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, grad_accum:
     so); the host decides whether to stop or to skip."""
 
     def summed_loss(params, batch):
-        # Looked up at trace time so tests can substitute the loss.
-        return lm_loss(nnx.merge(graphdef, params), batch)
+        # lm_loss is looked up at trace time (inside loss_with_aux) so tests can substitute it.
+        return loss_with_aux(nnx.merge(graphdef, params), batch)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
     def step(params, opt_state, batch):
         if grad_accum == 1:
-            (loss_sum, count), grads = grad_fn(params, batch)
+            (loss_sum, (count, extras)), grads = grad_fn(params, batch)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
@@ -46,22 +80,24 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, grad_accum:
 
             def body(carry, mb):
                 g_acc, l_acc, n_acc = carry
-                (l, n), g = grad_fn(params, mb)
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+                (l, (n, ex)), g = grad_fn(params, mb)
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), ex
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, loss_sum, count), _ = jax.lax.scan(
+            (grads, loss_sum, count), extras = jax.lax.scan(
                 body, (zeros, jnp.zeros(()), jnp.zeros(())), micro
             )
+            extras = jax.tree.map(lambda x: jnp.mean(x, axis=0), extras)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = loss_sum / denom
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": count}
+        metrics.update(extras)
         return keep(new_params, params), keep(new_opt, opt_state), metrics
 
     return jax.jit(step, donate_argnums=(0, 1))

@@ -42,21 +42,31 @@ def model_sizes():
 
 def test_base_plus_quickstart_resolves():
     cfg = quick()
+    raw = yaml.safe_load(QUICKSTART.read_text())
     assert isinstance(cfg, Config)
-    # from the run file
+    # every value of the run file lands in its (typed) field
+    for key, value in raw.items():
+        if key == "model":
+            continue
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                assert getattr(getattr(cfg, key), sub) == v, f"{key}.{sub}"
+        else:
+            assert getattr(cfg, key) == value, key
     assert cfg.run_name == "quickstart"
-    assert cfg.steps == 300
-    assert cfg.optim.warmup_steps == 30
-    assert cfg.train.eval_every == 50 and cfg.train.eval_batches == 4
+    assert cfg.run_dir == Path("runs") / "quickstart"
     # `model: hybrid_gdn` swapped in the preset at its tiny size
+    assert raw["model"] == "hybrid_gdn"
     assert cfg.model.name == "hybrid_gdn" and cfg.model.size == "tiny"
     assert cfg.model.memory == "gated_deltanet" and cfg.model.pattern == "MMMA"
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.num_heads) == (128, 4, 4)
-    # untouched keys come from base.yaml
-    assert cfg.data.source == "stdlib" and cfg.data.tokenizer == "byte"
-    assert cfg.mesh.data == -1
-    assert cfg.optim.schedule == "cosine"
-    assert cfg.run_dir == Path("runs") / "quickstart"
+    # keys the run file leaves alone come from base.yaml
+    base = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
+    assert cfg.data.source == base["data"]["source"] == "stdlib"
+    assert cfg.data.tokenizer == "byte"
+    assert cfg.mesh.data == base["mesh"]["data"] == -1
+    assert cfg.optim.schedule == base["optim"]["schedule"]
+    assert cfg.seed == base["seed"]
 
 
 def test_base_only_resolves_without_run_file():
@@ -92,16 +102,14 @@ def test_float_override_yaml_forms(value, expected):
     assert cfg.optim.lr == pytest.approx(expected) and type(cfg.optim.lr) is float
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG memzoo/config.py parse_override/_coerce: yaml.safe_load('1e-3') is the string "
-    "'1e-3' (YAML 1.1 needs a dot), and _coerce rejects numeric strings for float keys, so "
-    "the documented `optim.lr=1e-3` raises ConfigError",
-)
 def test_float_override_exponent_without_dot():
-    cfg = quick("optim.lr=1e-3", "model.norm_eps=1e-5")
+    # YAML 1.1 reads "1e-3" as a string; the documented `optim.lr=1e-3` must still work
+    cfg = quick("optim.lr=1e-3", "model.norm_eps=1e-5", "steps=+12")
     assert cfg.optim.lr == pytest.approx(1e-3) and type(cfg.optim.lr) is float
     assert cfg.model.norm_eps == pytest.approx(1e-5)
+    assert cfg.steps == 12 and type(cfg.steps) is int
+    with pytest.raises(ConfigError, match="config key 'steps' expects an integer, got '1e3x'"):
+        quick("steps=1e3x")
 
 
 def test_model_swap_takes_preset():
@@ -112,7 +120,7 @@ def test_model_swap_takes_preset():
     # fields not named by the preset go back to their defaults
     assert m.attn_kv_heads == ModelConfig().attn_kv_heads
     # the rest of the run file still applies
-    assert cfg.run_name == "quickstart" and cfg.steps == 300
+    assert cfg.run_name == "quickstart" and cfg.steps == quick().steps
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,8 @@ def test_split_with_carried_cache_equals_whole(layer):
     y1, cache = run(x[:, :11], cache=lyr.init_cache(B))
     y2, cache = run(x[:, 11:], cache=cache)
     assert rel(jnp.concatenate([y1, y2], 1), full) < 1e-4, name
+    if not getattr(lyr.memory, "has_state", True):
+        return  # stateless mixer (GAM): the cache is a conv tail only, no state to compare
     # the carried state is the same as after one pass over the whole sequence
     _, whole = run(x, cache=lyr.init_cache(B))
     assert rel(cache["state"], whole["state"]) < 1e-4, name
