@@ -13,27 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_runs import QUICKSTART, REPO, TINY_DATA, TINY_HYBRID
 
 from memzoo.cli import main
 from memzoo.config import config_from_dict
 
-REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = REPO / "configs" / "train" / "quickstart.yaml"
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.pattern=MA",
-    "model.num_heads=2",
-    "model.attn_heads=2",
-    "model.chunk_size=16",
-    "seq_len=32",
-    "batch_size=4",
-    "data.max_docs=40",
-    "train.eval_batches=1",
-    "train.progress=false",
-    "optim.warmup_steps=1",
-    "steps=3",
-]
+TINY = [*TINY_HYBRID, *TINY_DATA, "optim.warmup_steps=1", "steps=3"]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tiny_runs import TINY_DATA
 
 from memzoo.config import load_config
 from memzoo.memories import build_memory
@@ -116,11 +117,7 @@ def test_tiny_gam_trains(tmp_path):
             "model.d_model=32",
             "model.n_layers=2",
             "model.gam_num_slots=32",
-            "seq_len=32",
-            "batch_size=4",
-            "data.max_docs=40",
-            "train.eval_batches=1",
-            "train.progress=false",
+            *TINY_DATA,
             "optim.warmup_steps=2",
             "steps=10",
             f"output_dir={tmp_path}",

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_runs import TINY_DATA
 
 from memzoo.config import load_config
 from memzoo.layers.memory_layer import MemoryLayer
@@ -201,11 +202,7 @@ def test_tiny_mom_trains_and_logs_aux_loss(tmp_path):
             "model.n_layers=2",
             "model.num_heads=2",
             "model.chunk_size=16",
-            "seq_len=32",
-            "batch_size=4",
-            "data.max_docs=40",
-            "train.eval_batches=1",
-            "train.progress=false",
+            *TINY_DATA,
             "train.log_every=1",
             "optim.warmup_steps=2",
             "steps=10",

@@ -28,6 +28,7 @@ import pytest
 import yaml
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
+from tiny_runs import QUICKSTART, TINY_DATA, TINY_HYBRID
 
 import memzoo
 import memzoo.train.step as step_mod
@@ -40,21 +41,10 @@ from memzoo.train.loop import TrainingError, train
 from memzoo.train.metrics import read_metrics
 from memzoo.train.step import make_eval_step
 
-REPO = Path(__file__).resolve().parents[3]
-QUICKSTART = REPO / "configs" / "train" / "quickstart.yaml"
 STEPS = 15
 TINY = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.pattern=MA",
-    "model.num_heads=2",
-    "model.attn_heads=2",
-    "model.chunk_size=16",
-    "seq_len=32",
-    "batch_size=4",
-    "data.max_docs=40",
-    "train.eval_batches=1",
-    "train.progress=false",
+    *TINY_HYBRID,
+    *TINY_DATA,
     "train.log_every=1",
     "optim.lr=0.003",
     "optim.warmup_steps=2",
