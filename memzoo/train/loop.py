@@ -9,7 +9,6 @@ checkpoints (async, keep-last-K, atomic). SIGTERM / SIGINT save a checkpoint and
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import signal
 import sys
 import time
@@ -90,14 +89,13 @@ def _check_resume_compatible(cfg: Config, saved_path: Path) -> None:
     with open(saved_path) as f:
         saved = yaml.safe_load(f) or {}
     now = cfg.to_dict()
-    for section in ("model",):
-        if saved.get(section) != now[section]:
-            diff = [k for k in now[section] if saved.get(section, {}).get(k) != now[section][k]]
-            raise ConfigError(
-                f"run '{cfg.run_name}' already exists with a different {section} config "
-                f"(differs in: {', '.join(f'{section}.{k}' for k in diff)}); "
-                "use another run_name or output_dir"
-            )
+    if saved.get("model") != now["model"]:
+        diff = [k for k, v in now["model"].items() if saved.get("model", {}).get(k) != v]
+        raise ConfigError(
+            f"run '{cfg.run_name}' already exists with a different model config "
+            f"(differs in: {', '.join(f'model.{k}' for k in diff)}); "
+            "use another run_name or output_dir"
+        )
     for key in ("tokenizer", "tokenizer_path", "source"):
         if saved.get("data", {}).get(key) != now["data"][key]:
             raise ConfigError(
@@ -209,6 +207,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
         progress = tqdm(
             total=cfg.steps, initial=start, desc=cfg.run_name, unit="step", dynamic_ncols=True
         )
+    say = progress.write if progress is not None else _log
     skipped = 0
     step = start
     t_last, tok_last = time.perf_counter(), 0
@@ -217,7 +216,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
         with _StopFlag() as stop:
             if start == 0 and eval_batches:
                 last_eval = evaluate(0)
-                _log(f"step 0: heldout_bpb {last_eval['heldout_bpb']:.4f}")
+                say(f"step 0: heldout_bpb {last_eval['heldout_bpb']:.4f}")
             while step < cfg.steps:
                 batch = put(next(data_it))
                 params, opt_state, m = train_step(params, opt_state, batch)
@@ -271,7 +270,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
                             f"{last_eval['heldout_loss']:.4f}  heldout_bpb "
                             f"{last_eval['heldout_bpb']:.4f}"
                         )
-                        (progress.write if progress is not None else _log)(msg)
+                        say(msg)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.steps:
                     save(step, force=True)
                 if stop.signal is not None or step == stop_at:
@@ -294,4 +293,4 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
 
 
 def config_summary(cfg: Config) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
