@@ -1,5 +1,6 @@
 """Command line: ``memzoo train CONFIG [key=value ...]``, ``memzoo eval RUN_DIR``,
-``memzoo generate RUN_DIR --prompt TEXT``, ``memzoo models``, ``memzoo config CONFIG``."""
+``memzoo eval ppl|mqar|niah RUN_DIR [key=value ...]``, ``memzoo generate RUN_DIR --prompt TEXT``,
+``memzoo models``, ``memzoo config CONFIG``."""
 
 from __future__ import annotations
 
@@ -23,14 +24,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from memzoo.evals.runner import TASKS, EvalError
+
+    pos = list(args.targets)
+    if pos[0] in TASKS and not (len(pos) == 1 and Path(pos[0], "config.yaml").is_file()):
+        if len(pos) < 2:
+            raise EvalError(f"eval {pos[0]} needs a RUN_DIR: memzoo eval {pos[0]} RUN_DIR")
+        return _cmd_eval_task(pos[0], pos[1], pos[2:], args)
+    if len(pos) > 1:
+        if "=" not in pos[0]:
+            from memzoo.evals.runner import load_task
+
+            load_task(pos[0])  # unknown task: one-line error with a hint
+        raise EvalError(
+            f"unexpected arguments {' '.join(pos[1:])!r}: use memzoo eval RUN_DIR, or "
+            f"memzoo eval TASK RUN_DIR [key=value ...] with TASK one of {', '.join(TASKS)}"
+        )
+    args.run_dir = pos[0]
+    return _cmd_eval_heldout(args)
+
+
+def _cmd_eval_task(task: str, run: str, overrides: list[str], args: argparse.Namespace) -> int:
+    from memzoo.evals.runner import run_eval
+
+    res = run_eval(task, run, overrides, step=args.step)
+    print(f"{task} eval of {res['run_dir']} @ step {res['step']} -> {res['out_dir']}")
+    print(res["table"], end="" if res["table"].endswith("\n") else "\n")
+    return 0
+
+
+def _cmd_eval_heldout(args: argparse.Namespace) -> int:
     import jax
 
-    import memzoo
     from memzoo.data import build_tokenizer, heldout_batches
+    from memzoo.evals.runner import load_run
     from memzoo.evaluate import heldout_metrics
     from memzoo.train.step import make_eval_step
 
-    model, cfg = memzoo.load(args.run_dir, args.step)
+    model, cfg, _ = load_run(args.run_dir, args.step)
     tok = build_tokenizer(cfg.data)
     batches = heldout_batches(
         cfg.data, tok, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=args.batches
@@ -131,8 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.d_model=256")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="held-out loss / bits per byte and a sample from a run")
-    p.add_argument("run_dir")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run: held-out bpb + sample, or a task (ppl, mqar, niah)",
+        description="memzoo eval RUN_DIR: held-out loss / bits per byte and a sample. "
+        "memzoo eval TASK RUN_DIR [key=value ...]: run an eval task (ppl, mqar, niah) and write "
+        "RUN_DIR/evals/TASK/{results.json,table.md,*.png}. RUN_DIR may also be a checkpoint "
+        "directory RUN_DIR/checkpoints/STEP.",
+    )
+    p.add_argument("targets", nargs="+", metavar="ARG", help="[TASK] RUN_DIR [key=value ...]")
     p.add_argument("--batches", type=int, default=8, help="held-out batches to score")
     p.add_argument("--prompt", default=None, help="prompt for the sample (default: config)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
@@ -156,14 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `memzoo eval TASK RUN --step 3 key=value`: positionals after an option
+        if args.command != "eval" or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.targets = [*args.targets, *extra]
     from memzoo.config import ConfigError
+    from memzoo.evals.runner import EvalError
     from memzoo.train.loop import TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, TrainingError, FileNotFoundError) as e:
-        print(f"memzoo: error: {e}", file=sys.stderr)
+    except (ConfigError, TrainingError, FileNotFoundError, EvalError) as e:
+        msg = " ".join(str(e).split()) if isinstance(e, EvalError) else e
+        print(f"memzoo: error: {msg}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
 
 

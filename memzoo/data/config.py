@@ -6,7 +6,7 @@ import glob
 import os
 from dataclasses import dataclass
 
-SOURCES = ("stdlib", "text", "jsonl", "parquet", "arrayrecord")
+SOURCES = ("stdlib", "text", "jsonl", "parquet", "arrayrecord", "mqar")
 FILE_SOURCES = ("text", "jsonl", "parquet", "arrayrecord")
 TOKENIZERS = ("byte", "hf", "sentencepiece")
 
@@ -19,7 +19,10 @@ class DataConfig:
       source: ``"stdlib"`` (the running interpreter's standard library ``.py`` files),
         ``"text"`` (each file one document), ``"jsonl"`` (one JSON object per line),
         ``"parquet"`` (column ``text_key``) or ``"arrayrecord"`` (each record one UTF-8
-        document, or a JSON object holding ``text_key``).
+        document, or a JSON object holding ``text_key``), or ``"mqar"`` (generated
+        multi-query associative recall rows, ``memzoo.data.mqar``; ``paths``, ``tokenizer``,
+        ``heldout_fraction``, ``max_docs``, ``shuffle`` and ``num_workers`` are ignored and
+        the tokenizer is the MQAR id tokenizer).
       paths: comma-separated glob(s) for the file sources (``**`` is recursive).
       text_key: field holding the document text for jsonl / parquet / arrayrecord(json).
       tokenizer: ``"byte"``, ``"hf"`` (``tokenizers`` JSON file) or ``"sentencepiece"``.
@@ -28,6 +31,15 @@ class DataConfig:
       max_docs: 0 = all documents; otherwise a cap on documents per split.
       shuffle: shuffle documents (per epoch, deterministically from the seed).
       num_workers: grain worker processes (0 = in-process).
+      mqar_vocab_size: MQAR: regular ids (even; keys the lower half, values the upper);
+        the tokenizer adds 4 specials (filler, BOS, EOS, PAD).
+      mqar_num_pairs: MQAR: key-value pairs per sequence.
+      mqar_passes: MQAR: queries per key (each key is queried this many times).
+      mqar_gap_power: MQAR: query slot ``j`` (two tokens each, counted from the end of the
+        pairs) is drawn with probability ``~ (j + 1) ** (gap_power - 1)`` (Zoology: 0.01).
+      passkey_fraction: fraction of training rows replaced by passkey rows (NIAH-style
+        documents: a 7-digit number hidden in filler text, then asked for; see
+        ``memzoo.data.passkey``); 0 = off. Held-out batches are never mixed.
     """
 
     source: str = "stdlib"
@@ -39,6 +51,11 @@ class DataConfig:
     max_docs: int = 0
     shuffle: bool = True
     num_workers: int = 0
+    mqar_vocab_size: int = 512
+    mqar_num_pairs: int = 4
+    mqar_passes: int = 1
+    mqar_gap_power: float = 0.01
+    passkey_fraction: float = 0.0
 
 
 def split_globs(paths: str) -> list[str]:
@@ -72,12 +89,21 @@ def validate_data_config(cfg: DataConfig) -> None:
     matching at least one file, ``tokenizer_path`` present and existing for hf /
     sentencepiece, ``heldout_fraction`` in [0, 1), ``max_docs >= 0``, ``num_workers >= 0``,
     ``text_key`` non-empty for keyed sources, and that a held-out split is possible (a
-    ``text`` source with a single file is a single document and cannot be split).
+    ``text`` source with a single file is a single document and cannot be split). For
+    ``mqar`` only the ``mqar_*`` keys are checked (the sequence length against the number
+    of pairs and passes is checked when the iterator is built).
     """
     if cfg.source not in SOURCES:
         raise ValueError(
             f"data.source: unknown source {cfg.source!r} (expected one of {', '.join(SOURCES)})"
         )
+    if cfg.source == "mqar":
+        from memzoo.data.mqar import MQARSpec
+
+        n, p = cfg.mqar_num_pairs, cfg.mqar_passes
+        seq_len = 2 * n * (1 + p) if isinstance(n, int) and isinstance(p, int) else 0
+        MQARSpec(cfg.mqar_vocab_size, seq_len, n, p, cfg.mqar_gap_power).check()
+        return
     if cfg.tokenizer not in TOKENIZERS:
         raise ValueError(
             f"data.tokenizer: unknown tokenizer {cfg.tokenizer!r} "
@@ -95,6 +121,9 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise ValueError(f"data.max_docs: must be an integer >= 0, got {cfg.max_docs!r}")
     if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
         raise ValueError(f"data.num_workers: must be an integer >= 0, got {cfg.num_workers!r}")
+    pf = cfg.passkey_fraction
+    if not isinstance(pf, int | float) or not (0.0 <= float(pf) < 1.0):
+        raise ValueError(f"data.passkey_fraction: must be in [0, 1), got {pf!r}")
     if cfg.source in FILE_SOURCES:
         if not split_globs(cfg.paths):
             raise ValueError(f"data.paths: required for source {cfg.source!r}")

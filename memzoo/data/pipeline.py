@@ -25,6 +25,7 @@ import grain
 import numpy as np
 
 from memzoo.data.config import DataConfig
+from memzoo.data.mqar import MQARTrainIterator, mqar_heldout_batches
 from memzoo.data.sources import build_sources
 from memzoo.data.tokenizer import Tokenizer
 
@@ -246,7 +247,13 @@ class TrainIterator:
             "vocab_size": int(tokenizer.vocab_size),
         }
         docs = _doc_dataset(cfg, tokenizer, "train", seed, infinite=True)
-        ds = PackIterDataset(docs, seq_len, tokenizer.pad_id).batch(batch_size, drop_remainder=True)
+        ds = PackIterDataset(docs, seq_len, tokenizer.pad_id)
+        if cfg.passkey_fraction > 0:
+            from memzoo.data.passkey import PasskeyMixIterDataset
+
+            self._meta["passkey_fraction"] = float(cfg.passkey_fraction)
+            ds = PasskeyMixIterDataset(ds, cfg.passkey_fraction, tokenizer, seq_len, seed)
+        ds = ds.batch(batch_size, drop_remainder=True)
         if cfg.num_workers > 0:
             _ensure_absl_flags_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
@@ -282,13 +289,18 @@ class TrainIterator:
 
 def make_train_iterator(
     cfg: DataConfig, tokenizer: Tokenizer, *, batch_size: int, seq_len: int, seed: int
-) -> TrainIterator:
+) -> TrainIterator | MQARTrainIterator:
     """Infinite, deterministic iterator of packed training batches.
+
+    ``source == "mqar"``: generated MQAR batches (``memzoo.data.mqar.MQARTrainIterator``,
+    same batch format and state protocol; the tokenizer is not used).
 
     Epochs repeat; with ``cfg.shuffle`` each epoch's document order is a fresh permutation
     (grain ``index_shuffle`` seeded by ``hash(seed) + epoch``).
     See ``TrainIterator`` for the batch format and state.
     """
+    if cfg.source == "mqar":
+        return MQARTrainIterator(cfg, batch_size=batch_size, seq_len=seq_len, seed=seed)
     return TrainIterator(cfg, tokenizer, batch_size, seq_len, seed)
 
 
@@ -299,8 +311,13 @@ def heldout_batches(
 
     Same format as training batches. The last row is padded (segment 0, loss_mask 0), and a
     last incomplete batch is filled with all-padding rows so every batch has the full shape.
-    Raises ``ValueError`` if the held-out split is empty.
+    Raises ``ValueError`` if the held-out split is empty. ``source == "mqar"``: exactly
+    ``max_batches`` batches from the MQAR held-out stream (no padding).
     """
+    if cfg.source == "mqar":
+        return mqar_heldout_batches(
+            cfg, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches
+        )
     docs = _doc_dataset(cfg, tokenizer, "heldout", 0, infinite=False)
     it = iter(PackIterDataset(docs, seq_len, tokenizer.pad_id))
     empty = {

@@ -261,6 +261,11 @@ def build_sources(cfg: DataConfig) -> tuple[DocumentSource, DocumentSource]:
     ``max_docs`` caps each split after splitting (first documents in file order).
     """
     validate_data_config(cfg)
+    if cfg.source == "mqar":
+        raise ValueError(
+            "data.source: 'mqar' is generated, not a document source "
+            "(use memzoo.data.mqar.MQARSource or make_train_iterator)"
+        )
     frac = float(cfg.heldout_fraction)
     if cfg.source == "stdlib":
         root, rels = stdlib_files()

@@ -236,8 +236,16 @@ class SentencePieceTokenizer(_SpecialsMixin):
 
 
 def build_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """Builds the tokenizer named by ``cfg.tokenizer`` (validating the config first)."""
+    """Builds the tokenizer named by ``cfg.tokenizer`` (validating the config first).
+
+    ``source == "mqar"`` always gets ``MQARTokenizer(cfg.mqar_vocab_size)`` (ids are the
+    model's tokens; ``cfg.tokenizer`` is ignored).
+    """
     validate_data_config(cfg)
+    if cfg.source == "mqar":
+        from memzoo.data.mqar import MQARTokenizer
+
+        return MQARTokenizer(cfg.mqar_vocab_size)
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     path = os.path.expanduser(cfg.tokenizer_path)
@@ -253,7 +261,8 @@ def count_bytes(batch: Mapping[str, Any], tokenizer: Tokenizer) -> float:
     Byte tokenizer: the number of masked targets that are bytes (specials count 0).
     hf / sentencepiece: each target token's own byte length (table built once per
     tokenizer by decoding every id; sentencepiece counts ``▁`` as one space byte, so a
-    document's first word counts its dummy-prefix space).
+    document's first word counts its dummy-prefix space). MQAR: every masked target (a
+    queried value) counts as one byte, so bits per byte = bits per scored token.
     """
     targets = np.asarray(batch["targets"]).astype(np.int64)
     mask = np.asarray(batch["loss_mask"]) > 0
