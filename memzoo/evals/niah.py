@@ -528,40 +528,11 @@ def table(s: Settings, results: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _fallback_heatmap(matrix, row_labels, col_labels, title, path, vmin=0.0, vmax=1.0) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(col_labels), 1.0 + 0.5 * len(row_labels)))
-    im = ax.imshow(matrix, cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
-    ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth (%)")
-    ax.set_title(title)
-    for i, row in enumerate(matrix):
-        for j, v in enumerate(row):
-            if v == v:
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def plots(s: Settings, results: list[dict], out_dir) -> list[Path]:
     """A depth x length heatmap of string_match (red = 0, green = 1)."""
-    try:
-        from memzoo.evals.runner import heatmap
-    except ImportError:
-        heatmap = _fallback_heatmap
+    from memzoo.evals.runner import heatmap
+
     rows, depths, lengths = _matrix(s, results, "string_match")
     path = Path(out_dir) / f"heatmap_{s.task}.png"
     labels = [f"{d}%" if not isinstance(d, str) else d for d in depths]
-    out = heatmap(rows, labels, lengths, f"NIAH {s.task} string_match", path, vmin=0, vmax=1)
-    return [Path(out) if out is not None else path]
+    return [heatmap(rows, labels, lengths, f"NIAH {s.task} string_match", path, vmin=0, vmax=1)]

@@ -340,6 +340,10 @@ def heatmap(
                 color = "black" if 0.25 < frac < 0.8 else "white"
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=color)
     fig.colorbar(im, ax=ax)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,12 +379,7 @@ def line_plot(
     ax.grid(True, alpha=0.3)
     if len(ys_by_label) > 1 or vline_label:
         ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------- runner

@@ -210,13 +210,6 @@ def test_table_and_plot(tmp_path):
     assert paths and all(Path(p).read_bytes()[:8] == PNG for p in paths)
 
 
-def test_fallback_heatmap(tmp_path):
-    p = niah._fallback_heatmap(
-        [[0.0, 1.0], [0.5, 0.25]], ["0%", "100%"], [64, 128], "t", tmp_path / "h.png"
-    )
-    assert p.read_bytes()[:8] == PNG
-
-
 def test_stand_in_sees_equal_lengths():
     ctx = StandIn()
     out = niah.run_cell(ctx, niah.Settings(samples=4), {"length": 512, "depth": 0})
