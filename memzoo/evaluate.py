@@ -8,8 +8,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
 
 def heldout_metrics(eval_step: Any, params: Any, batches: list[dict], tokenizer: Any) -> dict:
     """Mean held-out NLL per token and bits per byte over fixed held-out batches."""
@@ -28,7 +26,3 @@ def heldout_metrics(eval_step: Any, params: Any, batches: list[dict], tokenizer:
         "heldout_bpb": nll / (math.log(2) * max(n_bytes, 1.0)),
         "heldout_tokens": int(tokens),
     }
-
-
-def as_numpy_batch(batch: dict) -> dict:
-    return {k: np.asarray(v) for k, v in batch.items()}

@@ -44,7 +44,8 @@ def cells(s: Settings) -> list[dict]:
 
 
 def run_cell(ctx: EvalContext, s: Settings, cell: dict) -> dict:
-    from memzoo.data import count_bytes, heldout_batches
+    from memzoo.data import heldout_batches
+    from memzoo.evaluate import heldout_metrics
 
     length = int(cell["length"])
     try:
@@ -57,15 +58,10 @@ def run_cell(ctx: EvalContext, s: Settings, cell: dict) -> dict:
         )
     except ValueError as e:
         raise EvalError(f"no held-out data for {ctx.run_dir}: {e}") from None
-    nll, tokens, n_bytes = 0.0, 0.0, 0.0
-    for batch in batches:
-        s_nll, n = ctx.nll(batch)
-        nll += s_nll
-        tokens += n
-        n_bytes += float(count_bytes(batch, ctx.tokenizer))
-    if tokens == 0:
+    res = heldout_metrics(lambda _, batch: ctx.nll(batch), None, batches, ctx.tokenizer)
+    if not res or res["heldout_tokens"] == 0:
         raise EvalError(f"the held-out split of {ctx.run_dir} has no tokens to score")
-    loss = nll / tokens
+    loss = res["heldout_loss"]
     train_len = int(ctx.cfg.seq_len)
     return {
         "train_len": train_len,
@@ -73,8 +69,8 @@ def run_cell(ctx: EvalContext, s: Settings, cell: dict) -> dict:
         "extrapolation": length > train_len,
         "loss": loss,
         "ppl": math.exp(min(loss, 700.0)),
-        "bpb": nll / (math.log(2) * max(n_bytes, 1.0)),
-        "tokens": int(tokens),
+        "bpb": res["heldout_bpb"],
+        "tokens": res["heldout_tokens"],
     }
 
 

@@ -4,8 +4,6 @@ a memory not routed to is untouched; the aux loss reaches the router; packed doc
 separate in the LM; the train objective is NLL + aux, the eval loss pure NLL; a tiny model
 trains with falling loss and logs the aux loss and per-memory load."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +16,7 @@ from memzoo.layers.memory_layer import MemoryLayer
 from memzoo.memories.mom import MixtureOfMemories, load_balance, route
 from memzoo.models.lm import build_model
 from memzoo.train.loop import train
+from memzoo.train.metrics import read_metrics
 from memzoo.train.step import lm_loss, loss_with_aux
 from pallas_kernels import delta_rule_step
 
@@ -213,8 +212,7 @@ def test_tiny_mom_trains_and_logs_aux_loss(tmp_path):
     losses = summary["losses"]
     assert len(losses) == 10 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
-    recs = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_recs = [r for r in recs if "loss" in r]
+    train_recs = [r for r in read_metrics(cfg.run_dir) if "loss" in r]
     assert all("aux_loss" in r and r["aux_loss"] > 0 for r in train_recs)
     assert all(np.allclose(np.sum(r["mom_load"], -1), 1.0) for r in train_recs)
     assert np.isfinite(summary["heldout_loss"])
