@@ -72,6 +72,25 @@ class ModelConfig:
     gam_num_slots: int = 512
     gam_local_kernel: int = 3
     gam_scaled: bool = False
+    gm_arch: str | None = None
+    gm_depth: int | None = None
+    gm_expansion: float | None = None
+    gm_activation: str | None = None
+    gm_residual: bool | None = None
+    gm_layer_norm: bool | None = None
+    gm_loss: str | None = None
+    gm_lp_p: float | None = None
+    gm_retention: str | None = None
+    gm_normalizer: str | None = None
+    gm_norm_q: float | None = None
+    gm_algorithm: str | None = None
+    gm_ns_steps: int | None = None
+    gm_window: int | None = None
+    gm_feature_map: str | None = None
+    gm_eta_max: float | None = None
+    titans_memory: str = "titans_lmm"
+    titans_segment: int = 512
+    titans_persistent: int = 16
 
 
 @dataclass
@@ -366,6 +385,49 @@ def layer_kinds(m: ModelConfig) -> list[str]:
     return names * (m.n_layers // len(names))
 
 
+def gm_overrides(m: ModelConfig) -> dict[str, Any]:
+    """The model's gm_* keys that are set, as overrides of a gradient-memory preset."""
+    return {
+        f.name[3:]: getattr(m, f.name)
+        for f in dataclasses.fields(m)
+        if f.name.startswith("gm_") and getattr(m, f.name) is not None
+    }
+
+
+def _check_gradient_memory(m: ModelConfig, kinds: list[str]) -> None:
+    from memzoo.memories.gradient import PRESETS, preset_with
+
+    names = [k for k in kinds if k in PRESETS]
+    if m.titans_memory not in PRESETS:
+        raise ConfigError(
+            f"model.titans_memory '{m.titans_memory}' is not a gradient memory; "
+            f"known: {', '.join(sorted(PRESETS))}"
+        )
+    over = gm_overrides(m)
+    if over and not names and not any(k.startswith("titans_") for k in kinds):
+        raise ConfigError(
+            f"model.gm_* keys ({', '.join('gm_' + k for k in over)}) are set but no layer is a "
+            f"gradient memory ({', '.join(sorted(PRESETS))})"
+        )
+    for name in names or [m.titans_memory]:
+        try:
+            p = preset_with(name, over)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.gm_*: {e}") from None
+        _check(p.arch in ("linear", "mlp", "gated_mlp"), f"model.gm_arch '{p.arch}' is not linear, mlp or gated_mlp")
+        _check(p.loss in ("dot", "l2", "lp", "huber"), f"model.gm_loss '{p.loss}' is not dot, l2, lp or huber")
+        _check(p.normalizer in ("none", "lq", "softmax"), f"model.gm_normalizer '{p.normalizer}' is not none, lq or softmax")
+        _check(p.arch != "mlp" or p.depth >= 2, "model.gm_depth must be >= 2 for an mlp memory")
+        _check(p.window >= 1, f"model.gm_window must be >= 1, got {p.window}")
+        _check(p.eta_max > 0, f"model.gm_eta_max must be > 0, got {p.eta_max}")
+        _check(
+            p.retention != "channel" or p.arch == "linear",
+            "model.gm_retention=channel needs model.gm_arch=linear",
+        )
+    _check(m.titans_segment >= 1, f"model.titans_segment must be >= 1, got {m.titans_segment}")
+    _check(m.titans_persistent >= 0, "model.titans_persistent must be >= 0")
+
+
 def validate(cfg: Config) -> None:
     """Check every cross-field constraint once, at start, with one-line errors."""
     from memzoo.memories import memory_names  # local: keeps `import memzoo.config` light
@@ -426,6 +488,7 @@ def validate(cfg: Config) -> None:
     _check(m.gam_num_slots >= 1, f"model.gam_num_slots must be >= 1, got {m.gam_num_slots}")
     _check(m.gam_local_kernel >= 1, "model.gam_local_kernel must be >= 1")
     _check(0.0 <= m.hgrn_lower_bound < 1.0, "model.hgrn_lower_bound must be in [0, 1)")
+    _check_gradient_memory(m, kinds)
     o = cfg.optim
     _check(
         o.schedule in ("cosine", "wsd", "constant"),

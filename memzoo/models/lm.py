@@ -21,12 +21,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memzoo.config import ModelConfig, layer_kinds
+from memzoo.config import ModelConfig, gm_overrides, layer_kinds
 from memzoo.layers.attention import Attention
 from memzoo.layers.memory_layer import MemoryLayer
 from memzoo.layers.mlp import SwiGLU
 from memzoo.layers.norms import RMSNorm
 from memzoo.layers.rope import segment_positions
+from memzoo.memories.gradient import PRESETS as GRADIENT_PRESETS
 
 Array = jax.Array
 
@@ -70,6 +71,8 @@ def mixer_options(kind: str, cfg: ModelConfig) -> dict[str, Any]:
         return dict(
             num_slots=cfg.gam_num_slots, local_kernel=cfg.gam_local_kernel, scaled=cfg.gam_scaled
         )
+    if kind in GRADIENT_PRESETS:
+        return dict(gm_overrides=gm_overrides(cfg))
     return {}
 
 
