@@ -414,9 +414,18 @@ def _check_gradient_memory(m: ModelConfig, kinds: list[str]) -> None:
             p = preset_with(name, over)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.gm_*: {e}") from None
-        _check(p.arch in ("linear", "mlp", "gated_mlp"), f"model.gm_arch '{p.arch}' is not linear, mlp or gated_mlp")
-        _check(p.loss in ("dot", "l2", "lp", "huber"), f"model.gm_loss '{p.loss}' is not dot, l2, lp or huber")
-        _check(p.normalizer in ("none", "lq", "softmax"), f"model.gm_normalizer '{p.normalizer}' is not none, lq or softmax")
+        _check(
+            p.arch in ("linear", "mlp", "gated_mlp"),
+            f"model.gm_arch '{p.arch}' is not linear, mlp or gated_mlp",
+        )
+        _check(
+            p.loss in ("dot", "l2", "lp", "huber"),
+            f"model.gm_loss '{p.loss}' is not dot, l2, lp or huber",
+        )
+        _check(
+            p.normalizer in ("none", "lq", "softmax"),
+            f"model.gm_normalizer '{p.normalizer}' is not none, lq or softmax",
+        )
         _check(p.arch != "mlp" or p.depth >= 2, "model.gm_depth must be >= 2 for an mlp memory")
         _check(p.window >= 1, f"model.gm_window must be >= 1, got {p.window}")
         _check(p.eta_max > 0, f"model.gm_eta_max must be > 0, got {p.eta_max}")
@@ -452,7 +461,9 @@ def validate(cfg: Config) -> None:
     )
     _check(m.impl in ("auto", "scan", "xla", "pallas_tpu", "pallas_gpu"), f"model.impl '{m.impl}'")
     kinds = layer_kinds(m)
-    known = set(memory_names()) | {"attention"}
+    from memzoo.layers.titans import TITANS_KINDS
+
+    known = set(memory_names()) | {"attention"} | set(TITANS_KINDS)
     for k in kinds:
         _check(
             k in known,

@@ -87,7 +87,11 @@ PRESETS: dict[str, GradientPreset] = {
     "yaad": GradientPreset(loss="huber", algorithm="gd"),
     "memora": GradientPreset(normalizer="softmax", algorithm="gd", layer_norm=True),
     "omeganet": GradientPreset(
-        arch="linear", residual=False, layer_norm=False, algorithm="gd", window=4,
+        arch="linear",
+        residual=False,
+        layer_norm=False,
+        algorithm="gd",
+        window=4,
         feature_map="poly",
     ),
     "atlas": GradientPreset(algorithm="muon", window=4, feature_map="poly", layer_norm=False),
@@ -132,18 +136,30 @@ class GradientMemory(Memory):
         self.dk, self.dv = dk_mem, dv
         residual = p.residual
         if residual and dk_mem < dv:
-            raise ValueError(f"gradient memory: a residual memory needs dk >= dv, got {dk_mem} < {dv}")
+            raise ValueError(
+                f"gradient memory: a residual memory needs dk >= dv, got {dk_mem} < {dv}"
+            )
         arch = MemoryArch(
-            p.arch, depth=p.depth, expansion=p.expansion, activation=p.activation,
-            residual=residual, layer_norm=p.layer_norm,
+            p.arch,
+            depth=p.depth,
+            expansion=p.expansion,
+            activation=p.activation,
+            residual=residual,
+            layer_norm=p.layer_norm,
         )
         if p.arch == "mlp" and p.depth < 2:
             raise ValueError("gradient memory: an mlp memory needs depth >= 2 (use arch=linear)")
         if p.retention == "channel" and p.arch != "linear":
             raise ValueError("gradient memory: per-channel retention needs the linear memory")
         self.spec = GradientMemorySpec(
-            arch=arch, loss=p.loss, lp_p=p.lp_p, normalizer=p.normalizer, norm_q=p.norm_q,
-            muon=p.algorithm == "muon", ns_steps=p.ns_steps, window=p.window,
+            arch=arch,
+            loss=p.loss,
+            lp_p=p.lp_p,
+            normalizer=p.normalizer,
+            norm_q=p.norm_q,
+            muon=p.algorithm == "muon",
+            ns_steps=p.ns_steps,
+            window=p.window,
         )
         H = num_heads
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=True)
@@ -156,8 +172,11 @@ class GradientMemory(Memory):
         elif p.retention == "channel":
             self.w_a1 = nnx.Linear(d_model, gate_low_rank, kernel_init=init, **kw)
             self.w_a2 = nnx.Linear(
-                gate_low_rank, H * dk_mem, kernel_init=init,
-                bias_init=nnx.initializers.constant(-4.0), **kw,
+                gate_low_rank,
+                H * dk_mem,
+                kernel_init=init,
+                bias_init=nnx.initializers.constant(-4.0),
+                **kw,
             )
         if p.algorithm != "gd":
             self.w_mu = nnx.Linear(
@@ -216,17 +235,36 @@ class GradientMemory(Memory):
 
     def parallel(self, q, k, v, gates, *, initial_state=None, segment_ids=None):
         return gradient_memory(
-            q, k, v, gates["eta"], spec=self.spec, params=self._params(), mu=gates.get("mu"),
-            log_a=gates.get("log_a"), gamma=gates.get("gamma"), delta=gates.get("delta"),
-            initial_state=initial_state, segment_ids=segment_ids, chunk_size=self.chunk_size,
+            q,
+            k,
+            v,
+            gates["eta"],
+            spec=self.spec,
+            params=self._params(),
+            mu=gates.get("mu"),
+            log_a=gates.get("log_a"),
+            gamma=gates.get("gamma"),
+            delta=gates.get("delta"),
+            initial_state=initial_state,
+            segment_ids=segment_ids,
+            chunk_size=self.chunk_size,
             impl=self.impl,
         )
 
     def step(self, q, k, v, gates, state):
         return gradient_memory_step(
-            q, k, v, gates["eta"], state, spec=self.spec, params=self._params(),
-            mu=gates.get("mu"), log_a=gates.get("log_a"), gamma=gates.get("gamma"),
-            delta=gates.get("delta"), chunk_size=self.chunk_size,
+            q,
+            k,
+            v,
+            gates["eta"],
+            state,
+            spec=self.spec,
+            params=self._params(),
+            mu=gates.get("mu"),
+            log_a=gates.get("log_a"),
+            gamma=gates.get("gamma"),
+            delta=gates.get("delta"),
+            chunk_size=self.chunk_size,
         )
 
     def read(self, q: Array, state: dict) -> Array:
@@ -240,8 +278,12 @@ class GradientMemory(Memory):
 
     def init_state(self, batch_size: int) -> dict:
         return init_state(
-            self.spec, self._params(), batch_size, momentum=self.preset.algorithm == "momentum",
-            dk=self.dk, dv=self.dv,
+            self.spec,
+            self._params(),
+            batch_size,
+            momentum=self.preset.algorithm == "momentum",
+            dk=self.dk,
+            dv=self.dv,
         )
 
 

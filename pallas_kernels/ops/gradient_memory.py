@@ -109,7 +109,9 @@ class MemoryArch:
         if self.kind not in ARCHS:
             raise ValueError(f"memory arch: unknown kind {self.kind!r}; valid: {ARCHS}")
         if self.kind == "mlp" and self.depth < 2:
-            raise ValueError(f"memory arch: mlp depth must be >= 2 (use kind='linear'), got {self.depth}")
+            raise ValueError(
+                f"memory arch: mlp depth must be >= 2 (use kind='linear'), got {self.depth}"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"memory arch: unknown activation {self.activation!r}; valid: {tuple(ACTIVATIONS)}"
@@ -150,7 +152,9 @@ class MemoryArch:
             out = z[..., : out.shape[-1]] + out
         return out
 
-    def init(self, key: Array, num_heads: int, dk: int, dv: int, std: float | None = None) -> Params:
+    def init(
+        self, key: Array, num_heads: int, dk: int, dv: int, std: float | None = None
+    ) -> Params:
         """Initial weights [H, d_in, d_out]: normal(0, 1/sqrt(d_in)) per layer (zeros for a
         linear memory, which starts empty like every linear-attention state)."""
         out = {}
@@ -233,9 +237,7 @@ def anchor_pass(
     z [..., n, dk], v [..., n, dv]. Returns per weight the layer inputs x [..., n, d_in] and
     the errors at its output delta [..., n, d_out], so that d l_j / dW = x_j delta_j^T.
     """
-    eps = {
-        name: jnp.zeros(z.shape[:-1] + (w.shape[-1],), jnp.float32) for name, w in W.items()
-    }
+    eps = {name: jnp.zeros(z.shape[:-1] + (w.shape[-1],), jnp.float32) for name, w in W.items()}
 
     def f(eps):
         inputs = {}
@@ -381,9 +383,7 @@ def _token(spec, theta0, chunk_size, state, x):
             "k": jnp.moveaxis(keys[:, :, -c1:], 2, 1),
             "v": jnp.moveaxis(vals[:, :, -c1:], 2, 1),
             "gamma": jnp.moveaxis(gam[:, :, -c1:], 2, 1),
-            "delta": win["delta"]
-            if dlt is None
-            else jnp.moveaxis(dlt[:, :, -c1:], 2, 1),
+            "delta": win["delta"] if dlt is None else jnp.moveaxis(dlt[:, :, -c1:], 2, 1),
         }
     return y, new
 
@@ -471,11 +471,6 @@ def _chunked(spec, theta0, C, xs, docs, state, momentum, has_segments):
     def ext(x):  # [B, c1+L, H, ...] -> [B, H, n, C+c1, ...]
         return jnp.moveaxis(_chunk_windows(x, n, C, c1), 3, 1)
 
-    dg = 1
-    for name in ("eta", "log_a", "log_mu"):
-        if lay[name] is not None and lay[name].ndim == 4:
-            dg = lay[name].shape[-1]
-
     def gate(name, default):  # -> [B, H, n, C, dg]
         g = lay[name]
         if g is None:
@@ -493,7 +488,9 @@ def _chunked(spec, theta0, C, xs, docs, state, momentum, has_segments):
     writer = lay["real"][:, c1:].reshape(B, n, C)[:, None].astype(f)
     prev_doc = jnp.concatenate([docs_l[:, c1 : c1 + 1], doc_p[:, 0, :-1, -1]], 1)[:, None]
     from_start = doc_p == prev_doc[..., None]  # [B,1,n,C]
-    first = jnp.concatenate([doc_p[..., :1] != prev_doc[..., None], doc_p[..., 1:] != doc_p[..., :-1]], -1)
+    first = jnp.concatenate(
+        [doc_p[..., :1] != prev_doc[..., None], doc_p[..., 1:] != doc_p[..., :-1]], -1
+    )
 
     la, eta = gate("log_a", 0.0), gate("eta", 0.0)
     tri = jnp.tril(jnp.ones((C, C), bool))
@@ -511,9 +508,10 @@ def _chunked(spec, theta0, C, xs, docs, state, momentum, has_segments):
     i_ext = jnp.arange(C + c1)[None, :]
     inwin = (i_ext <= s_ext) & (i_ext > s_ext - spec.window)
     band = (
-        inwin
-        & (doc_p[..., :, None] == doc_e[..., None, :])
-    ).astype(f) * gam_e[..., None, :] * writer[..., :, None]  # [B,H,n,C,C']
+        (inwin & (doc_p[..., :, None] == doc_e[..., None, :])).astype(f)
+        * gam_e[..., None, :]
+        * writer[..., :, None]
+    )  # [B,H,n,C,C']
 
     if momentum or spec.muon:
         lm = gate("log_mu", 0.0)
@@ -557,7 +555,6 @@ def _chunked(spec, theta0, C, xs, docs, state, momentum, has_segments):
             ins = {nm: jnp.where(sel, ins[nm], ins0[nm]) for nm in ins}
             dels = {nm: jnp.where(sel, dels[nm], dels0[nm]) for nm in dels}
         cf = x["coef"]
-        fs_t = x["fs"][..., None, None]  # [B,1,C,1,1] -> per token selectors
 
         def outer(c, nm):  # sum_i c[..., t, i, d] x_i[d] delta_i -> [B,H,t,din,dout]
             xa = ins[nm]
@@ -568,7 +565,10 @@ def _chunked(spec, theta0, C, xs, docs, state, momentum, has_segments):
         if materialise:
             mats = {}
             for nm in ins:
-                base = cf["bb"][..., None] * Acc[nm][:, :, None] + cf["rb"][..., None] * t0[nm][:, :, None]
+                base = (
+                    cf["bb"][..., None] * Acc[nm][:, :, None]
+                    + cf["rb"][..., None] * t0[nm][:, :, None]
+                )
                 if spec.muon:
                     Zs = cf["P"][..., None] * Z[nm][:, :, None] + outer(cf["Nm_ext"], nm)
                     O = newton_schulz(Zs, spec.ns_steps)
@@ -592,7 +592,8 @@ def _chunked(spec, theta0, C, xs, docs, state, momentum, has_segments):
                 Z_new = {nm: mats[nm][1] for nm in mats}
             elif "Z" in st0:
                 Z_new = {
-                    nm: cf["P_end"][..., None] * Z[nm] + outer(cf["Nm_end"][:, :, None], nm)[:, :, 0]
+                    nm: cf["P_end"][..., None] * Z[nm]
+                    + outer(cf["Nm_end"][:, :, None], nm)[:, :, 0]
                     for nm in ins
                 }
             else:
@@ -630,7 +631,8 @@ def _chunked(spec, theta0, C, xs, docs, state, momentum, has_segments):
                 A_new[nm] = a_end
             if "Z" in st0:
                 Z_new = {
-                    nm: cf["P_end"][..., None] * Z[nm] + outer(cf["Nm_end"][:, :, None], nm)[:, :, 0]
+                    nm: cf["P_end"][..., None] * Z[nm]
+                    + outer(cf["Nm_end"][:, :, None], nm)[:, :, 0]
                     for nm in ins
                 }
             else:
@@ -670,7 +672,7 @@ def _chunked(spec, theta0, C, xs, docs, state, momentum, has_segments):
         idx = (end[:, None] + jnp.arange(-c1, 0)[None, :]) + c1  # into the c1-prefixed layout
         last_doc = docs[:, -1:]
         seg_ok = jnp.take_along_axis(lay["docs"], idx, axis=1) == last_doc
-        keep = (lay["real"] | (jnp.arange(-c1, L)[None, :] < r[:, None]))
+        keep = lay["real"] | (jnp.arange(-c1, L)[None, :] < r[:, None])
         keep = jnp.take_along_axis(keep, idx, axis=1) & seg_ok
         new["window"] = {
             "k": _gather_time(lay["k"], idx, keep, 0.0),
@@ -703,12 +705,17 @@ def _prepare(op, spec, q, k, v, eta, mu, log_a, gamma, delta, params, step):
     qs = shape_of(op, "q", q)
     nd = 3 if step else 4
     if len(qs) != nd:
-        raise ValueError(f"{op}: q has shape {fmt_shape(qs)}; expected {'[B,H,dk]' if step else '[B,T,H,dk]'}")
+        raise ValueError(
+            f"{op}: q has shape {fmt_shape(qs)}; expected {'[B,H,dk]' if step else '[B,T,H,dk]'}"
+        )
     if shape_of(op, "k", k) != qs:
         raise ValueError(f"{op}: k has shape {fmt_shape(k.shape)} but q has shape {fmt_shape(qs)}")
     vs = shape_of(op, "v", v)
     if len(vs) != nd or vs[:-1] != qs[:-1]:
-        raise ValueError(f"{op}: v has shape {fmt_shape(vs)}; expected q's leading dims {fmt_shape(qs[:-1])} + (dv,)")
+        raise ValueError(
+            f"{op}: v has shape {fmt_shape(vs)}; expected q's leading dims "
+            f"{fmt_shape(qs[:-1])} + (dv,)"
+        )
     lead, dk, dv = qs[:-1], qs[-1], vs[-1]
     channel = spec.arch.kind == "linear"
     if eta is None:
@@ -721,25 +728,37 @@ def _prepare(op, spec, q, k, v, eta, mu, log_a, gamma, delta, params, step):
             raise ValueError(f"{op}: an {spec.arch.kind} memory needs its initial weights (params)")
         params = {"W": jnp.zeros((qs[-2], dk, dv), jnp.float32)}
     if set(params) != set(shapes):
-        raise ValueError(f"{op}: params has weights {sorted(params)}; a {spec.arch.kind} memory needs {sorted(shapes)}")
+        raise ValueError(
+            f"{op}: params has weights {sorted(params)}; a {spec.arch.kind} memory needs "
+            f"{sorted(shapes)}"
+        )
     h = qs[-2]
     for nm, (din, dout) in shapes.items():
         ps = shape_of(op, f"params[{nm!r}]", params[nm])
         if ps[-3:] != (h, din, dout) or len(ps) not in (3, 4):
-            raise ValueError(f"{op}: params[{nm!r}] has shape {fmt_shape(ps)}; expected [H,d_in,d_out]={fmt_shape((h, din, dout))} (or with a leading batch dim)")
+            raise ValueError(
+                f"{op}: params[{nm!r}] has shape {fmt_shape(ps)}; expected [H,d_in,d_out]="
+                f"{fmt_shape((h, din, dout))} (optionally with a leading batch dim)"
+            )
     out = {
         "q": f32(q),
         "k": f32(k),
         "v": f32(v),
         "eta": _check_tok(op, "eta", eta, lead, dk, channel),
-        "log_mu": None if mu is None else jnp.log(jnp.maximum(_check_tok(op, "mu", mu, lead, dk, channel), 1e-30)),
+        "log_mu": None
+        if mu is None
+        else jnp.log(jnp.maximum(_check_tok(op, "mu", mu, lead, dk, channel), 1e-30)),
         "log_a": _check_tok(op, "log_a", log_a, lead, dk, channel),
-        "gamma": jnp.ones(lead, jnp.float32) if gamma is None else _check_tok(op, "gamma", gamma, lead, dk, False),
+        "gamma": jnp.ones(lead, jnp.float32)
+        if gamma is None
+        else _check_tok(op, "gamma", gamma, lead, dk, False),
         "delta": None,
     }
     if spec.loss == "huber":
         if delta is None:
-            raise ValueError(f"{op}: loss='huber' needs delta (the per-token radius, shape {fmt_shape(lead)})")
+            raise ValueError(
+                f"{op}: loss='huber' needs delta (the per-token radius, shape {fmt_shape(lead)})"
+            )
         out["delta"] = _check_tok(op, "delta", delta, lead, dk, False)
     if spec.muon and mu is None:
         out["log_mu"] = None
@@ -787,7 +806,9 @@ def gradient_memory(
     op = "gradient_memory"
     if not isinstance(spec, GradientMemorySpec):
         raise TypeError(f"{op}: spec must be a GradientMemorySpec, got {type(spec).__name__}")
-    x, theta0, dk, dv = _prepare(op, spec, q, k, v, eta, mu, log_a, gamma, delta, params, step=False)
+    x, theta0, dk, dv = _prepare(
+        op, spec, q, k, v, eta, mu, log_a, gamma, delta, params, step=False
+    )
     B, T = q.shape[:2]
     if T < 1:
         raise ValueError(f"{op}: sequence length T must be >= 1")
@@ -820,7 +841,9 @@ def gradient_memory(
 
 def _check_state(op, spec, state, momentum, batch, theta0):
     if not isinstance(state, dict) or "A" not in state or "pos" not in state:
-        raise ValueError(f"{op}: initial_state must be a state dict from a previous call or init_state")
+        raise ValueError(
+            f"{op}: initial_state must be a state dict from a previous call or init_state"
+        )
     if ("Z" in state) != (momentum or spec.muon):
         raise ValueError(
             f"{op}: initial_state {'has' if 'Z' in state else 'lacks'} momentum but mu is "
@@ -832,7 +855,10 @@ def _check_state(op, spec, state, momentum, batch, theta0):
         want = (batch,) + tuple(w.shape[-3:])
         got = tuple(state["A"][nm].shape)
         if got != want:
-            raise ValueError(f"{op}: initial_state['A'][{nm!r}] has shape {fmt_shape(got)}; expected {fmt_shape(want)}")
+            raise ValueError(
+                f"{op}: initial_state['A'][{nm!r}] has shape {fmt_shape(got)}; "
+                f"expected {fmt_shape(want)}"
+            )
 
 
 def gradient_memory_step(
@@ -881,8 +907,18 @@ def linear_memory(
     arrays = {n: spec_kw.pop(n) for n in ("gamma", "delta", "params") if n in spec_kw}
     spec = GradientMemorySpec(arch=MemoryArch("linear"), loss=loss, **spec_kw)
     return gradient_memory(
-        q, k, v, eta, spec=spec, mu=mu, log_a=log_a, initial_state=initial_state,
-        segment_ids=segment_ids, chunk_size=chunk_size, impl=impl, **arrays,
+        q,
+        k,
+        v,
+        eta,
+        spec=spec,
+        mu=mu,
+        log_a=log_a,
+        initial_state=initial_state,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        impl=impl,
+        **arrays,
     )
 
 
