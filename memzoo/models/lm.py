@@ -77,6 +77,10 @@ def mixer_options(kind: str, cfg: ModelConfig) -> dict[str, Any]:
 
 
 def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs):
+    from memzoo.layers.titans import TITANS_KINDS, build_titans
+
+    if kind in TITANS_KINDS:
+        return build_titans(kind, cfg, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if kind == "attention":
         return Attention(
             cfg.d_model,
