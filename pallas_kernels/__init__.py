@@ -8,6 +8,11 @@ Layout [batch, time, heads, dim]. Every full-sequence op returns ``(y, final_sta
 
 from .ops import (
     VALID_IMPLS,
+    GradientMemorySpec,
+    MemoryArch,
+    gradient_memory,
+    gradient_memory_step,
+    linear_memory,
     delta_rule,
     delta_rule_step,
     gla,
@@ -21,6 +26,11 @@ from .ops import (
 
 __all__ = [
     "VALID_IMPLS",
+    "GradientMemorySpec",
+    "MemoryArch",
+    "gradient_memory",
+    "gradient_memory_step",
+    "linear_memory",
     "delta_rule",
     "delta_rule_step",
     "gla",

@@ -194,8 +194,13 @@ class GradientMemory(Memory):
             self.poly_coef = nnx.Param(jnp.array([1.0, 0.5], param_dtype))  # 1/i!, i = 1, 2
         key = rngs.params()
         theta = arch.init(key, H, dk_mem, dv)
-        if p.normalizer == "softmax":  # Memora: weights start on the simplex (log-weights 0)
-            theta = {n: jnp.zeros_like(w) for n, w in theta.items()}
+        if p.normalizer == "softmax":
+            # Memora: log-weights N(0, 1), so the weights start on the simplex but not uniform
+            # (uniform rows make every hidden unit equal and the memory's LayerNorm ill-posed)
+            theta = {
+                n: jax.random.normal(jax.random.fold_in(key, i), w.shape)
+                for i, (n, w) in enumerate(sorted(theta.items()))
+            }
         self.theta0 = nnx.Dict({n: nnx.Param(w.astype(param_dtype)) for n, w in theta.items()})
 
     # -- features and gates --------------------------------------------------------------------

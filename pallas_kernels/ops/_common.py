@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 VALID_IMPLS: tuple[str, ...] = ("auto", "scan", "xla", "pallas_tpu", "pallas_gpu")
 KERNEL_BACKENDS: tuple[str, ...] = ("tpu", "gpu")
-KNOWN_OPS: tuple[str, ...] = ("gla", "delta_rule", "hgrn")
+KNOWN_OPS: tuple[str, ...] = ("gla", "delta_rule", "hgrn", "gradient_memory")
 
 _REGISTRY: dict[tuple[str, str], Callable[..., Any]] = {}
 

@@ -92,7 +92,8 @@ class MemoryArch:
     * ``linear``: M(z) = z W (W in R^{dk x dv}); the matrix memory of TTT-Linear, LMM with
       L_M = 1, OmegaNet.
     * ``mlp``: ``depth`` >= 2 layers z W0 -> act -> ... -> W_{L-1} (Titans eq. 12 memory,
-      TTT-MLP); hidden width ``expansion * dk``.
+      TTT-MLP); hidden width ``expansion * dv`` (the value width: a wide feature map on the
+      keys, e.g. ATLAS's polynomial one, does not widen the hidden layer).
     * ``gated_mlp``: (act(z W2) * (z W3)) W1 (the ATLAS++ / DeepTransformers gated memory).
     ``layer_norm`` (no affine) then ``residual`` wrap the output: M(z) = z + LN(f(z)), as in
     Titans and TTT (residual needs dk >= dv and adds z's first dv features).
@@ -117,14 +118,14 @@ class MemoryArch:
                 f"memory arch: unknown activation {self.activation!r}; valid: {tuple(ACTIVATIONS)}"
             )
 
-    def hidden(self, dk: int) -> int:
-        return max(1, int(round(self.expansion * dk)))
+    def hidden(self, dv: int) -> int:
+        return max(1, int(round(self.expansion * dv)))
 
     def shapes(self, dk: int, dv: int) -> dict[str, tuple[int, int]]:
         """Weight name -> (d_in, d_out)."""
         if self.kind == "linear":
             return {"W": (dk, dv)}
-        dh = self.hidden(dk)
+        dh = self.hidden(dv)
         if self.kind == "gated_mlp":
             return {"W2": (dk, dh), "W3": (dk, dh), "W1": (dh, dv)}
         dims = [dk] + [dh] * (self.depth - 1) + [dv]
@@ -172,8 +173,9 @@ class GradientMemorySpec:
     """Static choices of a gradient memory (everything that is not a per-token array).
 
     loss: "dot" (-<M(k), v>), "l2" (1/2 ||M(k) - v||^2), "lp" (sum (e^2 + lp_eps)^(p/2),
-      Moneta), "huber" (Yaad: 1/2 ||e||^2 while ||e|| <= delta_t, else delta_t * ||e||_1 with
-      the smooth |x| ~ sqrt(x^2 + lp_eps); ``delta`` per token).
+      Moneta), "huber" (Yaad: per coordinate 1/2 e^2 inside the radius ``delta`` (per token),
+      delta * (|e| - delta/2) outside; choice: the paper switches on ||e|| for the whole
+      token, which makes the update jump by up to sqrt(dv) at the radius).
     normalizer: "none"; "lq" (Moneta W = A / ||A||_q^(q-2) per weight matrix, q = norm_q);
       "softmax" (Memora, W = softmax(A) over each weight row; A is the log-weight).
     muon: ATLAS's Muon update (``ns_steps`` Newton-Schulz iterations on the momentum).
@@ -219,10 +221,11 @@ def token_loss(spec: GradientMemorySpec, pred: Array, v: Array, delta: Array | N
         return 0.5 * jnp.sum(e * e, -1)
     if spec.loss == "lp":
         return jnp.sum((e * e + spec.lp_eps) ** (0.5 * spec.lp_p), -1)
-    # Yaad (Miras eq. 26): an l2 step while ||e|| <= delta_t, else a delta_t * l1 step
-    sq = jnp.sum(e * e, -1)
-    l1 = jnp.sum(jnp.sqrt(e * e + spec.lp_eps), -1)
-    return jnp.where(sq <= jnp.square(delta), 0.5 * sq, delta * l1)
+    # Yaad (Miras eq. 26): an l2 step inside the radius delta_t, a delta_t * l1 step outside,
+    # per coordinate (the elementwise Huber, whose gradient clip(e, -delta, delta) is continuous)
+    d = delta[..., None]
+    ae = jnp.abs(e)
+    return jnp.sum(jnp.where(ae <= d, 0.5 * e * e, d * (ae - 0.5 * d)), -1)
 
 
 def _matmul(x: Array, w: Array) -> Array:
@@ -394,7 +397,7 @@ def _scan(spec, theta0, chunk_size, xs, state):
         return st, y
 
     tm = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), xs)
-    state, ys = lax.scan(body, state, tm)
+    state, ys = lax.scan(jax.checkpoint(body), state, tm)
     return jnp.moveaxis(ys, 0, 1), state
 
 
@@ -657,7 +660,8 @@ def _chunked(spec, theta0, C, xs, docs, state, momentum, has_segments):
         "any_real": jnp.moveaxis(any_real, 1, 0),
     }
     Z0 = st0.get("Z", {nm: jnp.zeros((), f) for nm in st0["A"]})
-    (A_f, Z_f, last), ys = lax.scan(body, (st0["A"], Z0, anchor0), xs_scan)
+    # the backward recomputes each chunk from its carried state (no per-token weights kept)
+    (A_f, Z_f, last), ys = lax.scan(jax.checkpoint(body), (st0["A"], Z0, anchor0), xs_scan)
     y = jnp.moveaxis(ys, 0, 2)  # [B,H,n,C,dv]
     y = jnp.moveaxis(y, 1, 3).reshape(B, L, H, -1)
     y = jnp.take_along_axis(y, (jnp.arange(T)[None] + r[:, None])[..., None, None], axis=1)
@@ -818,8 +822,22 @@ def gradient_memory(
     if initial_state is not None:
         _check_state(op, spec, initial_state, momentum, B, theta0)
     which = resolve_impl(op, impl)
-    if callable(which):
-        raise NotImplementedError(f"{op}: Pallas kernels are not wired for this op yet")
+    if callable(which):  # a registered kernel takes the op's own arguments
+        return which(
+            q,
+            k,
+            v,
+            eta,
+            spec=spec,
+            params=params,
+            mu=mu,
+            log_a=log_a,
+            gamma=gamma,
+            delta=delta,
+            initial_state=initial_state,
+            segment_ids=segment_ids,
+            chunk_size=chunk_size,
+        )
     if segment_ids is None:
         docs = jnp.zeros((B, T), jnp.int32)
     else:

@@ -81,14 +81,22 @@ def test_split_with_carried_cache_equals_whole(layer):
         return  # stateless mixer (GAM): the cache is a conv tail only, no state to compare
     # the carried state is the same as after one pass over the whole sequence
     _, whole = run(x, cache=lyr.init_cache(B))
-    assert rel(cache["state"], whole["state"]) < 1e-4, name
+    for got, want in zip(
+        jax.tree.leaves(cache["state"]), jax.tree.leaves(whole["state"]), strict=True
+    ):
+        if jnp.issubdtype(want.dtype, jnp.integer):  # e.g. the position in the current chunk
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert rel(got, want) < 1e-4, name
 
 
 def test_packed_documents_equal_each_alone(layer):
     name, lyr = layer
     run = functional(lyr)
-    a, b = inputs(9, seed=2), inputs(14, seed=3)
-    seg = jnp.concatenate([jnp.full((B, 9), 1), jnp.full((B, 14), 2)], 1).astype(jnp.int32)
+    # gradient memories chunk on one grid per row: documents must start on it (chunk_size 8)
+    n = 16 if getattr(lyr.memory, "chunk_grid", False) else 9
+    a, b = inputs(n, seed=2), inputs(14, seed=3)
+    seg = jnp.concatenate([jnp.full((B, n), 1), jnp.full((B, 14), 2)], 1).astype(jnp.int32)
     packed, _ = run(jnp.concatenate([a, b], 1), seg)
     ya, _ = run(a)
     yb, _ = run(b)
