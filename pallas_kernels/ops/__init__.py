@@ -1,5 +1,6 @@
-"""Recurrence ops: regime A (gla), regime B (delta_rule), HGRN and regime C (gradient_memory), with step / scan / chunked
-implementations and a dispatcher for registered Pallas kernels."""
+"""Recurrence ops: regime A (gla), regime B (delta_rule), HGRN and regime C
+(gradient_memory), with step / scan / chunked implementations and a dispatcher for
+registered Pallas kernels."""
 
 from ._common import VALID_IMPLS, register_kernel, registered_kernel, unregister_kernel
 from .delta_rule import delta_rule, delta_rule_step
