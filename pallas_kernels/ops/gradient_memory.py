@@ -294,7 +294,7 @@ def _tree_where(cond: Array, a: Params, b: Params) -> Params:
     return {n: jnp.where(cond, a[n], b[n]) for n in a}
 
 
-def _bcast_gate(g: Array, nd_extra: int = 1) -> Array:
+def _bcast_gate(g: Array) -> Array:
     """Gate [B,H] or [B,H,d] -> broadcastable against a weight [B,H,din,dout]."""
     return g[..., None, None] if g.ndim == 2 else g[..., :, None]
 
@@ -670,8 +670,6 @@ def _chunked(spec, theta0, C, xs, docs, state, momentum, has_segments):
     if "Z" in st0:
         new["Z"] = Z_f
     if c1 > 0:
-        tail = jnp.arange(L + c1 - c1, L + c1)  # placeholder, replaced below
-        del tail
         end = r + T  # grid position just after the last real token
         idx = (end[:, None] + jnp.arange(-c1, 0)[None, :]) + c1  # into the c1-prefixed layout
         last_doc = docs[:, -1:]

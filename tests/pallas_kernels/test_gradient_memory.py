@@ -35,6 +35,7 @@ COMBOS = {
     "linear_momentum_decay": (GradientMemorySpec(), ("eta", "mu", "log_a")),
     "linear_per_channel": (GradientMemorySpec(), ("eta_c", "mu_c", "log_a_c")),
     "linear_dot": (GradientMemorySpec(loss="dot"), ("eta", "log_a")),
+    "ttt_mlp": (GradientMemorySpec(arch=MLP), ("eta",)),
     "titans_mlp": (GradientMemorySpec(arch=MLP), ("eta", "mu", "log_a")),
     "moneta": (GradientMemorySpec(arch=MLP, loss="lp", normalizer="lq"), ("eta", "log_a")),
     "yaad": (GradientMemorySpec(arch=MLP, loss="huber"), ("eta", "log_a", "delta")),

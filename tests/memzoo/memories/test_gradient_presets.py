@@ -1,5 +1,5 @@
-"""The gradient-memory presets (TTT, Titans LMM, Moneta, Yaad, Memora, OmegaNet, ATLAS,
-ATLAS++) as models: each tiny model trains with falling loss, the Miras four choices combine
+"""The gradient-memory presets (TTT, Titans LMM / MAC / MAG / MAL, Moneta, Yaad, Memora,
+OmegaNet, ATLAS, ATLAS++) as models: each tiny model trains with falling loss, the Miras four choices combine
 through the gm_* config keys, and bad choices are one-line config errors."""
 
 import jax
@@ -35,9 +35,16 @@ def memories(model):
     return [m for _, m in nnx.iter_graph(model) if isinstance(m, GradientMemory)]
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+TITANS = {  # the Titans combinations with attention, small segments and windows
+    "titans_mac": ("model.titans_segment=8", "model.titans_persistent=2", "model.attn_heads=2"),
+    "titans_mag": ("model.attn_window=8", "model.titans_persistent=2", "model.attn_heads=2"),
+    "titans_mal": ("model.attn_window=8", "model.titans_persistent=2", "model.attn_heads=2"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS) + sorted(TITANS))
 def test_each_preset_trains_with_falling_loss(name):
-    cfg = tiny(name)
+    cfg = tiny(name, *TITANS.get(name, ()))
     cfg.model.vocab_size = V
     model = build_model(cfg.model, seed=0)
     assert len(memories(model)) == 1
