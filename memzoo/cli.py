@@ -1,6 +1,7 @@
 """Command line: ``memzoo train CONFIG [key=value ...]``, ``memzoo eval RUN_DIR``,
 ``memzoo eval ppl|mqar|niah RUN_DIR [key=value ...]``, ``memzoo generate RUN_DIR --prompt TEXT``,
-``memzoo models``, ``memzoo config CONFIG``."""
+``memzoo models``, ``memzoo config CONFIG``, ``memzoo sweep SWEEP.yaml [--dry-run]
+[--print-commands] [--max-parallel N]``, ``memzoo report SWEEP_DIR``."""
 
 from __future__ import annotations
 
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_config)
+    from memzoo.sweep.cli import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 

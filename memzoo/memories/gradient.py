@@ -201,7 +201,9 @@ class GradientMemory(Memory):
                 n: jax.random.normal(jax.random.fold_in(key, i), w.shape)
                 for i, (n, w) in enumerate(sorted(theta.items()))
             }
-        self.theta0 = nnx.Dict({n: nnx.Param(w.astype(param_dtype)) for n, w in theta.items()})
+        self.weight_names = tuple(sorted(theta))
+        for n, w in theta.items():  # the reset (learned initial) memory weights, per head
+            setattr(self, f"theta_{n}", nnx.Param(w.astype(param_dtype)))
 
     # -- features and gates --------------------------------------------------------------------
 
@@ -236,7 +238,7 @@ class GradientMemory(Memory):
     # -- execution paths -----------------------------------------------------------------------
 
     def _params(self) -> dict[str, Array]:
-        return {n: w[...].astype(jnp.float32) for n, w in self.theta0.items()}
+        return {n: getattr(self, f"theta_{n}")[...].astype(jnp.float32) for n in self.weight_names}
 
     def parallel(self, q, k, v, gates, *, initial_state=None, segment_ids=None):
         return gradient_memory(

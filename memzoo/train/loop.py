@@ -271,11 +271,13 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
                             f"{last_eval['heldout_bpb']:.4f}"
                         )
                         say(msg)
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.steps:
+                saved = step % cfg.train.checkpoint_every == 0 or step == cfg.steps
+                if saved:
                     save(step, force=True)
                 if stop.signal is not None or step == stop_at:
                     name = "stop_at" if stop.signal is None else signal.Signals(stop.signal).name
-                    save(step, force=True)
+                    if not saved:  # a stop on a checkpoint step reuses that checkpoint
+                        save(step, force=True)
                     ckpt.wait()
                     _log(
                         f"received {name}: saved checkpoint at step {step} in "

@@ -1,6 +1,6 @@
 """The gradient-memory presets (TTT, Titans LMM / MAC / MAG / MAL, Moneta, Yaad, Memora,
-OmegaNet, ATLAS, ATLAS++) as models: each tiny model trains with falling loss, the Miras four choices combine
-through the gm_* config keys, and bad choices are one-line config errors."""
+OmegaNet, ATLAS, ATLAS++) as models: each tiny model trains with falling loss, the Miras four
+choices combine through the gm_* config keys, and bad choices are one-line config errors."""
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +8,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from tiny_runs import TINY_DATA
 
 from memzoo.config import ConfigError, load_config
 from memzoo.memories.gradient import PRESETS, GradientMemory, preset_with
 from memzoo.models.lm import build_model
+from memzoo.train.loop import train
 
 V, T = 48, 24
 
@@ -106,3 +108,26 @@ def test_bad_choices_are_config_errors(override, message):
 def test_gm_keys_on_a_model_without_a_gradient_memory_are_an_error():
     with pytest.raises(ConfigError, match="no layer is a gradient memory"):
         load_config(None, ["model=gated_deltanet", "model.gm_loss=huber"])
+
+
+def test_titans_trains_through_the_training_loop(tmp_path):
+    # the pretraining loop (param filtering, optimiser state, checkpoints) on a gradient memory
+    cfg = load_config(
+        None,
+        [
+            "model=titans_lmm",
+            "model.d_model=32",
+            "model.n_layers=1",
+            "model.num_heads=4",
+            "model.chunk_size=4",
+            *TINY_DATA,
+            "optim.warmup_steps=2",
+            "steps=8",
+            f"output_dir={tmp_path}",
+        ],
+    )
+    summary = train(cfg)
+    losses = summary["losses"]
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert np.isfinite(summary["heldout_loss"])

@@ -180,6 +180,13 @@ def test_stop_and_resume_is_exact(base_run, tmp_path):
     assert steps == list(range(1, STEPS + 1))
 
 
+def test_stop_on_a_checkpoint_step_saves_once(tmp_path):
+    # the periodic save and the stop save fall on the same step: one checkpoint, no error
+    first = train(make_cfg(tmp_path, "train.checkpoint_every=4", steps=8), stop_at=4)
+    assert first["interrupted"] == "stop_at" and first["final_step"] == 4
+    assert latest_step(make_cfg(tmp_path).run_dir) == 4
+
+
 def test_interrupted_checkpoint_is_ignored(base_run, tmp_path):
     cfg, full = base_run
     train(make_cfg(tmp_path), stop_at=10)

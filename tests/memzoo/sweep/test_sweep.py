@@ -1,0 +1,367 @@
+"""Sweeps: expansion and naming, bad sweep files, the shipped sweeps, skip / resume / failure,
+a tiny 2-run sweep end to end, and the report's plots."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny_runs import REPO
+
+from memzoo.sweep import runner as sweep_runner
+from memzoo.sweep.report import build_report, flatten_eval
+from memzoo.sweep.spec import SweepError, expand, format_number, load_sweep, parse_sweep
+
+MQAR_TINY = str(REPO / "configs" / "train" / "mqar_tiny.yaml")
+SHIPPED = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+
+# A tiny attention model on MQAR: a run is a few seconds on 2 CPU cores.
+TINY = [
+    "steps=4",
+    "batch_size=4",
+    "seq_len=32",
+    "model.n_layers=1",
+    "model.attn_heads=2",
+    "optim.warmup_steps=1",
+    "train.log_every=1",
+    "train.eval_batches=1",
+    "train.progress=false",
+]
+TINY_MQAR_EVAL = {
+    "task": "mqar",
+    "overrides": ["seq_lens={seq_len}", "num_pairs=4", "samples=8", "batch_size=8"],
+}
+
+
+def _sweep(**kw):
+    data = {"name": "t", "base": MQAR_TINY, **kw}
+    return parse_sweep(data)
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def test_grid_expansion_names_are_deterministic_unique_and_say_the_settings(tmp_path):
+    sweep = _sweep(
+        evals=[
+            {"task": "mqar", "overrides": ["seq_lens={seq_len}"]},
+            {"task": "niah", "when": {"data.source": ["stdlib", "text"]}},
+        ],
+        overrides=["model.n_layers=2"],
+        grid={
+            "model": ["gla", "transformer"],
+            "model.d_model": [64, 128],
+            "length": [
+                {"seq_len": 64, "data.mqar_num_pairs": 4},
+                {"seq_len": 128, "data.mqar_num_pairs": 8},
+            ],
+        },
+    )
+    runs = expand(sweep, tmp_path)
+    names = [r.name for r in runs]
+    assert len(names) == 8 and len(set(names)) == 8
+    assert names[:3] == ["gla_d64_T64_kv4", "gla_d64_T128_kv8", "gla_d128_T64_kv4"]
+    assert names == [r.name for r in expand(sweep, tmp_path)]  # deterministic
+    r = runs[1]
+    assert r.settings == {
+        "model": "gla",
+        "model.d_model": 64,
+        "seq_len": 128,
+        "data.mqar_num_pairs": 8,
+    }
+    assert r.cfg.model.memory == "gla" and r.cfg.model.n_layers == 2 and r.cfg.seq_len == 128
+    assert r.cfg.run_dir == tmp_path / "t" / "runs" / "gla_d64_T128_kv8"
+    assert r.overrides[0] == "model.n_layers=2" and "model=gla" in r.overrides
+    assert sweep.setting_keys() == ["model", "model.d_model", "seq_len", "data.mqar_num_pairs"]
+    mqar, niah = sweep.evals
+    assert mqar.applies(r.cfg) and not niah.applies(r.cfg)  # `when`: MQAR runs get no NIAH
+    assert mqar.resolved_overrides(r.cfg) == ["seq_lens=128"]
+    assert sweep.select.metric == "mqar.accuracy" and sweep.select.mode == "max"
+
+
+def test_lr_sweep_suffix_patterns_runs_times_grid_and_collisions(tmp_path):
+    sweep = _sweep(
+        runs=[
+            {"model.pattern": "MMMA", "model.n_layers": 4},
+            {"model.pattern": "A", "model.n_layers": 2, "_name": "attn"},
+        ],
+        grid={"model.d_model": [32]},
+        lr_sweep=["1e-3", 3e-3, 0.01],
+    )
+    runs = expand(sweep, tmp_path)
+    assert [r.name for r in runs] == [
+        "p3M1A_L4_d32_lr1e-3",
+        "p3M1A_L4_d32_lr3e-3",
+        "p3M1A_L4_d32_lr1e-2",
+        "attn_d32_lr1e-3",
+        "attn_d32_lr3e-3",
+        "attn_d32_lr1e-2",
+    ]
+    assert {r.cell for r in runs} == {"p3M1A_L4_d32", "attn_d32"}
+    assert runs[1].cfg.optim.lr == pytest.approx(3e-3) and runs[1].lr == pytest.approx(3e-3)
+    assert runs[1].settings["optim.lr"] == pytest.approx(3e-3)
+    assert sweep.select.metric == "heldout_loss" and sweep.select.mode == "min"
+    assert [format_number(x) for x in (3e-4, 0.5, 128, 2.5e-3, 1.0)] == [
+        "3e-4",
+        "0.5",
+        "128",
+        "2.5e-3",
+        "1",
+    ]
+    # different settings with equal name parts get a hash; equal settings are an error
+    twins = _sweep(runs=[{"model.gm_eta_max": 0.5}, {"model.gm_eta_max": "0.5"}])
+    names = [r.name for r in expand(twins, tmp_path, validate=False)]
+    assert len(set(names)) == 2 and all(n.startswith("eta_max-0.5-") for n in names)
+    with pytest.raises(SweepError, match="same settings"):
+        expand(_sweep(runs=[{"seq_len": 64}, {"seq_len": 64}]), tmp_path, validate=False)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"gird": {"seq_len": [64]}}, "unknown key 'gird' (did you mean 'grid'?)"),
+        ({"grid": {}}, "grid must be a non-empty mapping"),
+        ({"grid": {"seq_len": []}}, "grid.seq_len is an empty list"),
+        ({"overrides": ["steps=3"]}, "no runs"),
+        ({"runs": [{"run_name": "x"}]}, "'run_name' is set by the sweep itself"),
+        ({"grid": {"seq_len": [64]}, "lr_sweep": [0]}, "lr_sweep value 0 must be > 0"),
+        ({"grid": {"seq_len": [64]}, "evals": [{"task": "mqr"}]}, "did you mean 'mqar'"),
+        (
+            {"grid": {"seq_len": [64]}, "select": {"metric": "mqar.accuracy"}},
+            "select.metric 'mqar.accuracy' is neither",
+        ),
+        ({"grid": {"seq_len": [64]}, "base": "nope.yaml"}, "base config 'nope.yaml' not found"),
+        ({"grid": {"model.d_modle": [64]}}, "did you mean 'model.d_model'"),
+        ({"grid": {"model.d_model": [62]}}, "run d62: model.num_heads=4 does not divide"),
+        (
+            {"grid": {"seq_len": [64]}, "evals": [{"task": "mqar", "overrides": ["sampels=3"]}]},
+            "eval mqar: unknown mqar setting 'sampels'",
+        ),
+        (
+            {"grid": {"seq_len": [64]}, "evals": [{"task": "mqar", "overrides": ["x={nope}"]}]},
+            "names 'nope' which is not a config key",
+        ),
+    ],
+)
+def test_bad_sweep_files_are_one_line_errors(tmp_path, data, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"base": MQAR_TINY, **data}, sort_keys=False))
+    with pytest.raises(SweepError) as e:
+        expand(load_sweep(path), tmp_path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_sweeps_expand_and_validate(path, tmp_path):
+    lines = sweep_runner.dry_run_lines(load_sweep(path), tmp_path)
+    assert lines[-1].startswith("all ") and lines[-1].endswith("run configs validated")
+    names = [ln.split("] ", 1)[1].split()[0] for ln in lines if ln.startswith("[")]
+    assert len(names) == len(set(names)) > 1
+
+
+def test_shipped_sweep_set():
+    assert {p.stem for p in SHIPPED} >= {
+        "mqar_zoo",
+        "mqar_zoo_cluster",
+        "hybrid_ratio",
+        "titans_ablation",
+    }
+    zoo = load_sweep(REPO / "configs" / "sweeps" / "mqar_zoo.yaml")
+    from memzoo.config import available_models
+
+    models = {v.get("model") for axis, vals in zoo.axes if axis == "model" for v in vals}
+    assert models == set(available_models())
+
+
+def test_print_commands_one_line_per_run(tmp_path, capsys):
+    from memzoo.sweep.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "cmds",
+                "base": MQAR_TINY,
+                "grid": {"model": ["gla", "transformer"]},
+                "evals": [{**TINY_MQAR_EVAL, "name": "recall"}],
+            },
+            sort_keys=False,
+        )
+    )
+    assert main(["sweep", str(path), "--print-commands", "--root", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("memzoo train ") and "model=gla" in lines[0]
+    run_dir = f"{tmp_path}/cmds/runs/gla"
+    assert f"output_dir={tmp_path}/cmds/runs run_name=gla && " in lines[0]
+    assert f"&& memzoo eval mqar {run_dir} seq_lens=64 num_pairs=4" in lines[0]
+    assert lines[0].endswith(f"&& mv {run_dir}/evals/mqar {run_dir}/evals/recall")
+    assert (tmp_path / "cmds" / "sweep.yaml").is_file()  # for `memzoo report` afterwards
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    sweep = _sweep(overrides=TINY, grid={"model.d_model": [16, 32, 64]})
+    trained = []
+
+    def fake_train(cfg):
+        if cfg.model.d_model == 32:
+            raise RuntimeError("out of memory\n(details)")
+        trained.append(cfg.run_name)
+        return {"start_step": 0, "final_step": cfg.steps, "losses": [1.0], "params": 123}
+
+    monkeypatch.setattr(sweep_runner, "train_run", fake_train)
+    msgs = []
+    res = sweep_runner.run_sweep(sweep, tmp_path, say=msgs.append)
+    assert trained == ["d16", "d64"]  # the run after the failure still ran
+    assert res["failed"] == ["d32"] and res["counts"]["failed"] == 1
+    status = json.loads((tmp_path / "t" / "status.json").read_text())["runs"]
+    assert status["d32"]["status"] == "failed" and status["d32"]["stage"] == "train"
+    assert status["d32"]["error"] == "RuntimeError: out of memory (details)"
+    assert "Traceback" in status["d32"]["traceback"]
+    assert status["d16"]["status"] == status["d64"]["status"] == "finished"
+    assert any("[2/3] d32: FAILED (train)" in m for m in msgs)
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "## Failed runs" in report and "`d32`: RuntimeError: out of memory" in report
+
+
+def test_tiny_sweep_end_to_end_resume_skip_and_report(tmp_path, monkeypatch):
+    from memzoo.sweep.cli import main
+    from memzoo.train.loop import train
+
+    path = tmp_path / "tiny.yaml"
+    spec = {
+        "name": "tiny",
+        "base": MQAR_TINY,
+        "overrides": TINY,
+        "grid": {"model.d_model": [16, 32]},
+        "evals": [{**TINY_MQAR_EVAL, "name": "recall"}],  # results in evals/recall/
+    }
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    sweep = load_sweep(path)
+    root = tmp_path / "sweeps"
+    first = expand(sweep, root)[0]
+    # an interrupted run: stopped (checkpointed) at step 2 of 4
+    assert train(first.cfg, stop_at=2)["interrupted"] == "stop_at"
+    assert sweep_runner.latest_checkpoint(first.cfg.run_dir) == 2
+
+    msgs = []
+    res = sweep_runner.run_sweep(sweep, root, say=msgs.append)
+    assert res["outcomes"] == {"d16": "trained", "d32": "trained"}, msgs
+    assert any("[1/2] d16: resuming (step 2 -> 4)" in m for m in msgs)
+    sweep_dir = root / "tiny"
+    status = json.loads((sweep_dir / "status.json").read_text())["runs"]
+    assert status["d16"]["start_step"] == 2 and status["d32"]["start_step"] == 0
+    for name in ("d16", "d32"):
+        run_dir = sweep_dir / "runs" / name
+        assert sweep_runner.latest_checkpoint(run_dir) == 4
+        assert json.loads((run_dir / "evals" / "recall" / "results.json").read_text())["step"] == 4
+        assert not (run_dir / "evals" / "mqar").exists()
+
+    # rerun: both are finished and evaluated, so nothing trains or evaluates
+    def boom(*a, **k):
+        raise AssertionError("should have been skipped")
+
+    monkeypatch.setattr(sweep_runner, "train_run", boom)
+    monkeypatch.setattr(sweep_runner, "eval_run", boom)
+    msgs = []
+    res = sweep_runner.run_sweep(sweep, root, say=msgs.append, report=False)
+    assert res["outcomes"] == {"d16": "skipped", "d32": "skipped"} and not res["failed"]
+    assert any("d32: evals: recall up to date" in m for m in msgs)
+
+    # the sweep file edited after the runs trained: an error per run, not a silent mix
+    edited = parse_sweep({**spec, "overrides": [*TINY, "optim.weight_decay=0.0"]}, path)
+    res = sweep_runner.run_sweep(edited, root, say=msgs.append, report=False)
+    assert res["failed"] == ["d16", "d32"]
+    err = json.loads((sweep_dir / "status.json").read_text())["runs"]["d16"]["error"]
+    assert "different config (differs in: optim.weight_decay)" in err
+    sweep_runner.run_sweep(sweep, root, say=msgs.append, report=False)  # back to finished
+
+    # the report, rebuilt by `memzoo report SWEEP_DIR`
+    (sweep_dir / "report.md").unlink()
+    assert main(["report", str(sweep_dir)]) == 0
+    report = (sweep_dir / "report.md").read_text()
+    assert "| d16 | 16 | finished |" in report and "recall.accuracy" in report
+    with open(sweep_dir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["d16", "d32"]
+    for r in rows:
+        assert int(r["params"]) > 0 and int(r["tokens_seen"]) == 4 * 4 * 32
+        assert float(r["final_loss"]) > 0 and float(r["heldout_loss"]) > 0
+        assert 0 <= float(r["recall.accuracy"]) <= 1 and "recall.accuracy.T32.kv4" in r
+        assert float(r["train_wall_s"]) > 0 and float(r["tokens_per_sec"]) > 0
+    for png in ("accuracy_vs_width.png", "loss_curves.png"):
+        assert (sweep_dir / "plots" / png).stat().st_size > 1000
+        assert f"(plots/{png})" in report
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fake_run(run_dir: Path, loss: float, acc: float, niah: float) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoints" / "10").mkdir(parents=True)
+    lines = [{"step": s, "loss": loss + 1 / s, "tokens_per_sec": 100.0, "tokens_seen": s * 8}
+             for s in range(1, 11)]  # fmt: skip
+    lines.append({"step": 10, "heldout_loss": loss, "heldout_bpb": loss / 0.69})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    mq = {"step": 10, "cells": [{"seq_len": 64, "num_pairs": 4, "accuracy": acc}]}
+    cells = [
+        {"length": n, "depth": d, "string_match": niah, "exact_match": niah / 2}
+        for d in (0, 50, 100)
+        for n in (128, 256)
+    ]
+    for task, rec in (("mqar", mq), ("niah", {"step": 10, "cells": cells})):
+        (run_dir / "evals" / task).mkdir(parents=True)
+        (run_dir / "evals" / task / "results.json").write_text(json.dumps(rec))
+
+
+def test_report_plots_and_best_lr_from_run_files(tmp_path):
+    spec = {
+        "name": "fake",
+        "grid": {
+            "model": ["gla", "transformer"],
+            "model.d_model": [64, 128],
+            "length": [{"seq_len": 64, "data.mqar_num_pairs": 4}, {"seq_len": 128}],
+        },
+        "lr_sweep": [1e-3, 1e-2],
+        "evals": [{"task": "mqar"}, {"task": "niah"}],
+    }
+    sweep_dir = tmp_path / "fake"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    sweep = parse_sweep(spec)
+    runs = expand(sweep, tmp_path, validate=False)
+    assert len(runs) == 16
+    status = {"runs": {}}
+    for i, r in enumerate(runs):
+        acc = 0.1 * (i % 4) + (0.5 if r.lr == 1e-2 else 0.0)
+        _fake_run(sweep_dir / "runs" / r.name, 2.0 - acc, acc, acc)
+        status["runs"][r.name] = {"status": "finished", "params": 1000 + i, "train_wall_s": 2.0}
+    (sweep_dir / "status.json").write_text(json.dumps(status))
+    out = build_report(sweep_dir)
+    assert {p.name for p in out["plots"]} == {
+        "accuracy_vs_width.png",
+        "loss_curves.png",
+        "niah_heatmaps.png",
+    }
+    best = {r["run"] for r in out["rows"] if r["best_lr"]}
+    assert len(best) == 8 and all(n.endswith("_lr1e-2") for n in best)
+    report = (sweep_dir / "report.md").read_text()
+    assert report.count("** ★ |") == 8 and "## Best learning rate per cell" in report
+    assert "| **gla_d64_T64_kv4_lr1e-2** ★ |" in report
+    with open(sweep_dir / "results.csv") as f:
+        header = next(csv.reader(f))
+    for col in ("mqar.accuracy.T64.kv4", "niah.string_match.L256.d50", "niah.exact_match"):
+        assert col in header
+    assert header[:6] == ["run", "model", "model.d_model", "seq_len", "data.mqar_num_pairs",
+                          "optim.lr"]  # fmt: skip
+
+
+def test_flatten_eval_means_and_cells():
+    rec = {"cells": [{"length": 256, "bpb": 2.0, "loss": 1.0}, {"length": 512, "bpb": 3.0}]}
+    flat = flatten_eval("ppl", "ppl", rec)
+    assert flat["ppl.bpb"] == 2.5 and flat["ppl.bpb.L512"] == 3.0 and flat["ppl.loss"] == 1.0
