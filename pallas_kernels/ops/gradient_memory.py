@@ -591,16 +591,6 @@ def _chunked(spec, theta0, C, xs, docs, state, momentum, has_segments):
             R = read_weights(spec, accs, {nm: a[:, :, None] for nm, a in anc.items()})
             y = spec.arch.apply(x["q"], lambda nm, z: jnp.einsum("bhtd,bhtde->bhte", z, R[nm]))
             A_new = {nm: m[:, :, -1] for nm, m in accs.items()}
-            if spec.muon:
-                Z_new = {nm: mats[nm][1] for nm in mats}
-            elif "Z" in st0:
-                Z_new = {
-                    nm: cf["P_end"][..., None] * Z[nm]
-                    + outer(cf["Nm_end"][:, :, None], nm)[:, :, 0]
-                    for nm in ins
-                }
-            else:
-                Z_new = Z
         else:
             scale = {}
             if spec.normalizer == "lq":
@@ -632,14 +622,15 @@ def _chunked(spec, theta0, C, xs, docs, state, momentum, has_segments):
                 if "Z" in st0:
                     a_end = a_end - cf["f"][:, :, -1, :, None] * Z[nm]
                 A_new[nm] = a_end
-            if "Z" in st0:
-                Z_new = {
-                    nm: cf["P_end"][..., None] * Z[nm]
-                    + outer(cf["Nm_end"][:, :, None], nm)[:, :, 0]
-                    for nm in ins
-                }
-            else:
-                Z_new = Z
+        if spec.muon:
+            Z_new = {nm: mats[nm][1] for nm in mats}
+        elif "Z" in st0:
+            Z_new = {
+                nm: cf["P_end"][..., None] * Z[nm] + outer(cf["Nm_end"][:, :, None], nm)[:, :, 0]
+                for nm in ins
+            }
+        else:
+            Z_new = Z
         # the anchor a continuation needs: the last token's (reset weights after a reset)
         anc_last = _tree_where(x["fs"][:, :, -1:, None] > 0, anc, t0) if has_segments else anc
         last = _tree_where(real_n, anc_last, last)
@@ -762,8 +753,6 @@ def _prepare(op, spec, q, k, v, eta, mu, log_a, gamma, delta, params, step):
                 f"{op}: loss='huber' needs delta (the per-token radius, shape {fmt_shape(lead)})"
             )
         out["delta"] = _check_tok(op, "delta", delta, lead, dk, False)
-    if spec.muon and mu is None:
-        out["log_mu"] = None
     return out, {n: f32(w) for n, w in params.items()}, dk, dv
 
 
