@@ -667,6 +667,7 @@ class TitansMAL(nnx.Module):
 def build_titans(kind: str, cfg: Any, layer_idx: int, *, dtype, param_dtype, rngs) -> nnx.Module:
     """The Titans mixer ``kind`` (one of :data:`TITANS_KINDS`) from a ``ModelConfig``."""
     from memzoo.config import gm_overrides
+    from memzoo.models.lm import memory_layer_options
 
     if kind not in TITANS_KINDS:
         raise ValueError(f"unknown Titans variant {kind!r}; valid: {TITANS_KINDS}")
@@ -677,23 +678,10 @@ def build_titans(kind: str, cfg: Any, layer_idx: int, *, dtype, param_dtype, rng
         num_persistent=cfg.titans_persistent,
         memory=cfg.titans_memory,
         rope_theta=cfg.rope_theta,
-        norm_eps=cfg.norm_eps,
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,
-        # the memory layer and the memory
-        num_heads=cfg.num_heads,
-        head_dim=cfg.head_dim,
-        expand_v=cfg.expand_v,
-        use_short_conv=cfg.use_short_conv,
-        conv_size=cfg.conv_size,
-        use_output_gate=cfg.use_output_gate,
-        init_std=cfg.init_std,
-        layer_idx=layer_idx,
-        n_layers=cfg.n_layers,
-        chunk_size=cfg.chunk_size,
-        impl=cfg.impl,
-        gate_low_rank=cfg.gate_low_rank,
+        **memory_layer_options(cfg, layer_idx),  # the memory layer and the memory
         gm_overrides=gm_overrides(cfg),
     )
     if kind == "titans_mac":

@@ -76,6 +76,25 @@ def mixer_options(kind: str, cfg: ModelConfig) -> dict[str, Any]:
     return {}
 
 
+def memory_layer_options(cfg: ModelConfig, layer_idx: int) -> dict[str, Any]:
+    """The config keys of a MemoryLayer and its memory (shared by every mixer that has one)."""
+    return dict(
+        num_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        expand_v=cfg.expand_v,
+        use_short_conv=cfg.use_short_conv,
+        conv_size=cfg.conv_size,
+        use_output_gate=cfg.use_output_gate,
+        norm_eps=cfg.norm_eps,
+        init_std=cfg.init_std,
+        layer_idx=layer_idx,
+        n_layers=cfg.n_layers,
+        chunk_size=cfg.chunk_size,
+        impl=cfg.impl,
+        gate_low_rank=cfg.gate_low_rank,
+    )
+
+
 def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs):
     from memzoo.layers.titans import TITANS_KINDS, build_titans
 
@@ -95,19 +114,7 @@ def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int, *, dtype, param_dty
     return MemoryLayer(
         kind,
         d_model=cfg.d_model,
-        num_heads=cfg.num_heads,
-        head_dim=cfg.head_dim,
-        expand_v=cfg.expand_v,
-        use_short_conv=cfg.use_short_conv,
-        conv_size=cfg.conv_size,
-        use_output_gate=cfg.use_output_gate,
-        norm_eps=cfg.norm_eps,
-        init_std=cfg.init_std,
-        layer_idx=layer_idx,
-        n_layers=cfg.n_layers,
-        chunk_size=cfg.chunk_size,
-        impl=cfg.impl,
-        gate_low_rank=cfg.gate_low_rank,
+        **memory_layer_options(cfg, layer_idx),
         hgrn_lower_bound=cfg.hgrn_lower_bound,
         dtype=dtype,
         param_dtype=param_dtype,

@@ -67,6 +67,7 @@ from ._common import (
     f32,
     fmt_shape,
     resolve_impl,
+    segment_resets,
     shape_of,
 )
 
@@ -825,19 +826,15 @@ def gradient_memory(
             segment_ids=segment_ids,
             chunk_size=chunk_size,
         )
-    if segment_ids is None:
-        docs = jnp.zeros((B, T), jnp.int32)
-    else:
-        seg = jnp.asarray(segment_ids)
-        change = jnp.concatenate([jnp.zeros((B, 1), bool), seg[:, 1:] != seg[:, :-1]], 1)
-        docs = jnp.cumsum(change.astype(jnp.int32), 1)
+    resets = segment_resets(segment_ids, B, T)
     if which == "scan":
         st = initial_state
         if st is None:
             st = init_state(spec, theta0, B, momentum=momentum, dk=dk, dv=dv)
-        x["reset"] = jnp.concatenate([jnp.zeros((B, 1), bool), docs[:, 1:] != docs[:, :-1]], 1)
+        x["reset"] = resets
         y, state = _scan(spec, theta0, C, x, st)
     else:
+        docs = jnp.cumsum(resets.astype(jnp.int32), 1)  # document index of every token
         y, state = _chunked(
             spec, theta0, C, x, docs, initial_state, momentum, segment_ids is not None
         )
