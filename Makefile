@@ -9,7 +9,7 @@ PYTEST_ARGS ?= -n 2
 # The suite compiles hundreds of tiny programs: cheaper XLA CPU compiles, same fp32 semantics.
 TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
 
-.PHONY: install quickstart test lint format clean
+.PHONY: install quickstart test test-tpu-compile tpu-tools lint format clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,20 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	JAX_PLATFORMS=cpu XLA_FLAGS="$(TEST_XLA_FLAGS)" $(BIN)/pytest $(PYTEST_ARGS) tests
+
+# libtpu matching the installed jax, in its own directory (not on the default path, so jax on a
+# machine without TPUs still starts on CPU): ahead-of-time TPU compiles from this host.
+LIBTPU_DIR := $(VENV)/libtpu
+$(LIBTPU_DIR)/.installed: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps --target $(LIBTPU_DIR) \
+		"$$($(BIN)/python -c 'from pallas_kernels.aot import libtpu_requirement as r; print(r())')"
+	@touch $@
+
+tpu-tools: $(LIBTPU_DIR)/.installed
+
+# compile every TPU kernel (forward and backward) for v5e and v6e with libtpu, on this CPU host
+test-tpu-compile: tpu-tools
+	JAX_PLATFORMS=cpu MEMZOO_LIBTPU_DIR=$(LIBTPU_DIR) $(BIN)/pytest -m tpu_compile tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,8 +6,10 @@ Only jax / numpy are used here (never flax).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -17,7 +19,9 @@ VALID_IMPLS: tuple[str, ...] = ("auto", "scan", "xla", "pallas_tpu", "pallas_gpu
 KERNEL_BACKENDS: tuple[str, ...] = ("tpu", "gpu")
 KNOWN_OPS: tuple[str, ...] = ("gla", "delta_rule", "hgrn", "gradient_memory")
 
-_REGISTRY: dict[tuple[str, str], Callable[..., Any]] = {}
+_REGISTRY: dict[tuple[str, str], Kernel] = {}
+_LOGGED: set[tuple[str, str, str]] = set()
+log = logging.getLogger("pallas_kernels")
 
 NEG_INF = -jnp.inf
 
@@ -27,14 +31,35 @@ NEG_INF = -jnp.inf
 # --------------------------------------------------------------------------------------------
 
 
-def register_kernel(op_name: str, backend: str, fn: Callable[..., Any]) -> None:
+@dataclass(frozen=True)
+class Kernel:
+    """A registered kernel: ``fn`` computes the op; ``supports`` (optional) takes the same
+    arguments and returns None when ``fn`` handles the call, else a short reason naming what
+    is unsupported (e.g. "dk=48 is not a multiple of 16")."""
+
+    fn: Callable[..., Any]
+    supports: Callable[..., str | None] | None = None
+
+    def unsupported(self, args: tuple, kwargs: dict) -> str | None:
+        return None if self.supports is None else self.supports(*args, **kwargs)
+
+
+def register_kernel(
+    op_name: str,
+    backend: str,
+    fn: Callable[..., Any],
+    *,
+    supports: Callable[..., str | None] | None = None,
+) -> None:
     """Register a (Pallas) kernel for ``op_name`` on ``backend`` ("tpu" or "gpu").
 
     ``fn`` is called with the op's positional array arguments (e.g. ``q, k, v, log_a`` for
-    ``gla``) and the keyword arguments ``initial_state, segment_ids, chunk_size, scale``
-    (already validated and passed through unchanged, so ``scale`` may be None) and must
-    return ``(y, final_state)`` with the same semantics as the op's "scan" implementation.
-    Registering again replaces the previous kernel.
+    ``gla``) and the op's keyword arguments (``initial_state, segment_ids, chunk_size, scale``
+    for the matrix-state ops; already validated and passed through unchanged, so ``scale`` may
+    be None), plus ``interpret=`` and ``block_v=`` when the caller set them. It must return
+    ``(y, final_state)`` with the same semantics as the op's "scan" implementation.
+    ``supports`` takes the same arguments (without interpret / block_v) and returns None or
+    the reason the kernel cannot run the call. Registering again replaces the previous kernel.
     """
     if op_name not in KNOWN_OPS:
         raise ValueError(f"register_kernel: unknown op {op_name!r}; valid ops are {KNOWN_OPS}")
@@ -44,7 +69,7 @@ def register_kernel(op_name: str, backend: str, fn: Callable[..., Any]) -> None:
         )
     if not callable(fn):
         raise TypeError(f"register_kernel: fn for {op_name!r}/{backend!r} is not callable")
-    _REGISTRY[(op_name, backend)] = fn
+    _REGISTRY[(op_name, backend)] = Kernel(fn, supports)
 
 
 def unregister_kernel(op_name: str, backend: str) -> None:
@@ -53,27 +78,81 @@ def unregister_kernel(op_name: str, backend: str) -> None:
 
 
 def registered_kernel(op_name: str, backend: str) -> Callable[..., Any] | None:
-    return _REGISTRY.get((op_name, backend))
+    k = _REGISTRY.get((op_name, backend))
+    return None if k is None else k.fn
 
 
-def resolve_impl(op: str, impl: str) -> str | Callable[..., Any]:
-    """Return "scan", "xla" or a registered kernel callable."""
+def _log_once(op: str, choice: str, why: str) -> None:
+    key = (op, choice, why)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info("%s: impl='auto' chose %s (%s)", op, choice, why)
+
+
+def resolve_impl(
+    op: str,
+    impl: str,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    interpret: Any = False,
+    block_v: int | None = None,
+) -> str | Callable[[], Any]:
+    """Pick the implementation of one call: "scan", "xla", or a zero-argument callable that
+    runs the registered kernel on ``args`` / ``kwargs``.
+
+    "auto" takes the kernel registered for ``jax.default_backend()`` when it supports the call,
+    else "xla", and logs the choice once. "pallas_tpu" / "pallas_gpu" use that backend's kernel
+    whatever the host (so kernels can be exported from a CPU machine) and raise
+    NotImplementedError naming what is unsupported. ``interpret`` (True, or
+    ``pltpu.InterpretParams(...)`` for TPU kernels) runs the kernel in Pallas interpret mode and
+    needs an explicit Pallas impl."""
+    kwargs = {} if kwargs is None else kwargs
     if not isinstance(impl, str) or impl not in VALID_IMPLS:
         raise ValueError(f"{op}: unknown impl {impl!r}; valid impls are {', '.join(VALID_IMPLS)}")
+    if interpret is not False and interpret is not None and not impl.startswith("pallas_"):
+        raise ValueError(
+            f"{op}: interpret=... runs a Pallas kernel in interpret mode; it needs "
+            f"impl='pallas_tpu' or 'pallas_gpu', got impl={impl!r}"
+        )
+    if block_v is not None and (isinstance(block_v, bool) or not isinstance(block_v, int)):
+        raise ValueError(f"{op}: block_v must be a positive integer or None, got {block_v!r}")
+    if block_v is not None and block_v < 1:
+        raise ValueError(f"{op}: block_v must be a positive integer or None, got {block_v!r}")
     if impl in ("scan", "xla"):
         return impl
+    extra: dict[str, Any] = {}
+    if interpret is not False and interpret is not None:
+        extra["interpret"] = interpret
+    if block_v is not None:
+        extra["block_v"] = block_v
     if impl == "auto":
-        fn = _REGISTRY.get((op, jax.default_backend()))
-        return fn if fn is not None else "xla"
+        backend = jax.default_backend()
+        kernel = _REGISTRY.get((op, backend))
+        if kernel is None:
+            _log_once(op, "xla", f"no Pallas kernel for backend {backend!r}")
+            return "xla"
+        reason = kernel.unsupported(args, kwargs)
+        if reason is not None:
+            _log_once(op, "xla", f"the {backend} kernel does not support this call: {reason}")
+            return "xla"
+        _log_once(op, f"pallas_{backend}", "kernel supports the call")
+        return lambda: kernel.fn(*args, **kwargs, **extra)
     backend = impl[len("pallas_") :]
-    fn = _REGISTRY.get((op, backend))
-    if fn is None:
+    kernel = _REGISTRY.get((op, backend))
+    if kernel is None:
         raise NotImplementedError(
             f"{op}: no Pallas kernel is registered for backend {backend!r} (impl={impl!r}); "
             f"register one with register_kernel({op!r}, {backend!r}, fn) or use impl='xla', "
             "'scan' or 'auto'"
         )
-    return fn
+    reason = kernel.unsupported(args, kwargs)
+    if reason is not None:
+        raise NotImplementedError(
+            f"{op}: impl={impl!r} does not support this call: {reason}; use impl='xla' "
+            "(or 'auto', which falls back to it)"
+        )
+    return lambda: kernel.fn(*args, **kwargs, **extra)
 
 
 # --------------------------------------------------------------------------------------------

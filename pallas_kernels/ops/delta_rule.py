@@ -14,6 +14,8 @@ the Delta Rule over Sequence Length", NeurIPS 2024 (chunked WY form); Yang, Kaut
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -219,6 +221,8 @@ def delta_rule(
     chunk_size: int = 64,
     scale: float | None = None,
     impl: str = "auto",
+    interpret: Any = False,
+    block_v: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(Gated) delta rule over a sequence (SPEC regime B, decay then delta).
 
@@ -233,6 +237,8 @@ def delta_rule(
       chunk_size: chunk length C of the parallel WY form ("xla"); any T is accepted.
       scale: read scale, default 1/sqrt(dk).
       impl: "auto", "scan", "xla", "pallas_tpu", "pallas_gpu".
+      interpret: run the Pallas impl in interpret mode (True, or ``pltpu.InterpretParams``).
+      block_v: the kernels' dv block (None = the backend's default).
 
     Returns:
       (y [B,T,H,dv] in v's dtype, final_state [B,H,dk,dv] float32). Computation is in fp32.
@@ -243,19 +249,21 @@ def delta_rule(
     check_state(op, "initial_state", initial_state, (b, h, dk, dv), "[B,H,dk,dv]")
     check_segment_ids(op, segment_ids, b, t)
     chunk_size = check_chunk_size(op, chunk_size)
-    which = resolve_impl(op, impl)
-    if callable(which):
-        return which(
-            q,
-            k,
-            v,
-            eta,
-            log_a,
+    which = resolve_impl(
+        op,
+        impl,
+        (q, k, v, eta, log_a),
+        dict(
             initial_state=initial_state,
             segment_ids=segment_ids,
             chunk_size=chunk_size,
             scale=scale,
-        )
+        ),
+        interpret=interpret,
+        block_v=block_v,
+    )
+    if callable(which):
+        return which()
     s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else f32(initial_state)
     resets = segment_resets(segment_ids, b, t)
     args = (f32(q), f32(k), f32(v), f32(eta), f32(log_a), s0, resets, default_scale(scale, dk))

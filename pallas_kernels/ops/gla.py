@@ -225,6 +225,8 @@ def gla(
     chunk_size: int = 64,
     scale: float | None = None,
     impl: str = "auto",
+    interpret: Any = False,
+    block_v: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Gated linear attention over a sequence (SPEC regime A).
 
@@ -240,7 +242,10 @@ def gla(
       chunk_size: chunk length C of the parallel form ("xla"); any T is accepted.
       scale: read scale, default 1/sqrt(dk).
       impl: "auto", "scan" (exact lax.scan reference), "xla" (chunked), "pallas_tpu",
-        "pallas_gpu" (registered kernels only).
+        "pallas_gpu" (the Pallas kernels; "auto" takes them on TPU / GPU when they support
+        the call).
+      interpret: run the Pallas impl in interpret mode (True, or ``pltpu.InterpretParams``).
+      block_v: the kernels' dv block (None = the backend's default).
 
     Returns:
       (y [B,T,H,dv] in v's dtype, final_state [B,H,dk,dv] float32). Computation is in fp32.
@@ -251,18 +256,21 @@ def gla(
     check_state(op, "initial_state", initial_state, (b, h, dk, dv), "[B,H,dk,dv]")
     check_segment_ids(op, segment_ids, b, t)
     chunk_size = check_chunk_size(op, chunk_size)
-    which = resolve_impl(op, impl)
-    if callable(which):
-        return which(
-            q,
-            k,
-            v,
-            log_a,
+    which = resolve_impl(
+        op,
+        impl,
+        (q, k, v, log_a),
+        dict(
             initial_state=initial_state,
             segment_ids=segment_ids,
             chunk_size=chunk_size,
             scale=scale,
-        )
+        ),
+        interpret=interpret,
+        block_v=block_v,
+    )
+    if callable(which):
+        return which()
     s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else f32(initial_state)
     resets = segment_resets(segment_ids, b, t)
     args = (f32(q), f32(k), f32(v), f32(log_a), s0, resets, default_scale(scale, dk))

@@ -773,6 +773,8 @@ def gradient_memory(
     segment_ids: Array | None = None,
     chunk_size: int = 16,
     impl: str = "auto",
+    interpret: Any = False,
+    block_v: int | None = None,
 ) -> tuple[Array, dict]:
     """A gradient memory over a sequence (SPEC regime C); see the module docstring.
 
@@ -790,7 +792,11 @@ def gradient_memory(
       initial_state: a state returned by a previous call (or :func:`init_state`).
       segment_ids: int [B,T]; a change of id resets the state to ``params``.
       chunk_size: C, a model hyperparameter (1 = the per-token model).
-      impl: "auto" | "xla" (chunked, dual form) | "scan" (token by token, the reference).
+      impl: "auto" | "xla" (chunked, dual form) | "scan" (token by token, the reference) |
+        "pallas_tpu" | "pallas_gpu" (kernels; "auto" takes them on TPU / GPU when they
+        support the call).
+      interpret: run the Pallas impl in interpret mode (True, or ``pltpu.InterpretParams``).
+      block_v: the kernels' dv block (None = the backend's default).
 
     Returns:
       (y [B,T,H,dv] in v's dtype, final state dict, fp32).
@@ -809,13 +815,11 @@ def gradient_memory(
     momentum = mu is not None
     if initial_state is not None:
         _check_state(op, spec, initial_state, momentum, B, theta0)
-    which = resolve_impl(op, impl)
-    if callable(which):  # a registered kernel takes the op's own arguments
-        return which(
-            q,
-            k,
-            v,
-            eta,
+    which = resolve_impl(  # a registered kernel takes the op's own arguments
+        op,
+        impl,
+        (q, k, v, eta),
+        dict(
             spec=spec,
             params=params,
             mu=mu,
@@ -825,7 +829,12 @@ def gradient_memory(
             initial_state=initial_state,
             segment_ids=segment_ids,
             chunk_size=chunk_size,
-        )
+        ),
+        interpret=interpret,
+        block_v=block_v,
+    )
+    if callable(which):
+        return which()
     resets = segment_resets(segment_ids, B, T)
     if which == "scan":
         st = initial_state
@@ -901,6 +910,8 @@ def linear_memory(
     initial_state: dict | None = None,
     segment_ids: Array | None = None,
     impl: str = "auto",
+    interpret: Any = False,
+    block_v: int | None = None,
     **spec_kw: Any,
 ) -> tuple[Array, dict]:
     """:func:`gradient_memory` with a dk x dv matrix memory M(z) = z W starting from zeros
@@ -920,6 +931,8 @@ def linear_memory(
         segment_ids=segment_ids,
         chunk_size=chunk_size,
         impl=impl,
+        interpret=interpret,
+        block_v=block_v,
         **arrays,
     )
 

@@ -123,17 +123,19 @@ def hgrn(
     check_state(op, "initial_state", initial_state, (b, h, d), "[B,H,D]")
     check_segment_ids(op, segment_ids, b, t)
     chunk_size = check_chunk_size(op, chunk_size)
-    which = resolve_impl(op, impl)
-    if callable(which):
-        return which(
-            q,
-            v,
-            log_a,
+    which = resolve_impl(
+        op,
+        impl,
+        (q, v, log_a),
+        dict(
             initial_state=initial_state,
             segment_ids=segment_ids,
             chunk_size=chunk_size,
             scale=scale,
-        )
+        ),
+    )
+    if callable(which):
+        return which()
     h0 = jnp.zeros((b, h, d), jnp.float32) if initial_state is None else f32(initial_state)
     resets = segment_resets(segment_ids, b, t)
     fn = _scan if which == "scan" else _assoc
