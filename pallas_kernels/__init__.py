@@ -6,6 +6,7 @@ Layout [batch, time, heads, dim]. Every full-sequence op returns ``(y, final_sta
 (kernels registered with :func:`register_kernel`).
 """
 
+from .kernels import REGISTERED as _KERNEL_MODULES  # noqa: F401  (registers the kernels)
 from .ops import (
     VALID_IMPLS,
     GradientMemorySpec,
