@@ -387,3 +387,21 @@ def test_register_kernel_dispatch(monkeypatch):
         register_kernel("gla", "cpu", fake)
     with pytest.raises(ValueError, match="unknown op"):
         register_kernel("mamba", "tpu", fake)
+
+
+@pytest.mark.parametrize("log_a", [False, True])
+def test_delta_rule_repeated_keys_match_scan(log_a):
+    """Keys that repeat inside a chunk make I + A ill-conditioned for a naive inverse: the
+    chunked WY form must still equal the recurrence (two distinct unit keys, eta = 0.99)."""
+    B, T, H, d = 1, 128, 2, 16
+    ks = jax.random.split(jax.random.key(3), 4)
+    base = jax.random.normal(ks[0], (2, H, d))
+    base = base / jnp.linalg.norm(base, axis=-1, keepdims=True)
+    k = base[jax.random.randint(ks[1], (B, T), 0, 2)]  # [B,T,H,d]
+    q = jax.random.normal(ks[2], (B, T, H, d))
+    v = jax.random.normal(ks[3], (B, T, H, d))
+    eta = jnp.full((B, T, H), 0.99)
+    la = jnp.full((B, T, H), -0.01) if log_a else None
+    y_ref, s_ref = delta_rule(q, k, v, eta, la, impl="scan")
+    y, s = delta_rule(q, k, v, eta, la, impl="xla", chunk_size=64)
+    assert rel(y, y_ref) < 1e-4 and rel(s, s_ref) < 1e-4
