@@ -1,6 +1,8 @@
 # memzoo: the two commands a fresh machine needs (only Python >= 3.11 required).
 #   make quickstart   set up, train the quickstart config on the embedded data, evaluate it
-#   make test         set up, lint, run the test suite
+#   make test         set up, lint, run the test suite (default tier, < 15 min on 2 cores)
+#   make test-full    the slow tier (what `make test` leaves out): kernel export matrix,
+#                     libtpu compiles, multi-process runs; CI runs both
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +11,7 @@ PYTEST_ARGS ?= -n 2
 # The suite compiles hundreds of tiny programs: cheaper XLA CPU compiles, same fp32 semantics.
 TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
 
-.PHONY: install quickstart test test-tpu-compile tpu-tools lint format clean
+.PHONY: install quickstart test test-full test-tpu-compile tpu-tools lint format clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +28,13 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	JAX_PLATFORMS=cpu XLA_FLAGS="$(TEST_XLA_FLAGS)" $(BIN)/pytest $(PYTEST_ARGS) tests
+	JAX_PLATFORMS=cpu XLA_FLAGS="$(TEST_XLA_FLAGS)" $(BIN)/pytest $(PYTEST_ARGS) \
+		-m "not slow and not tpu_compile" tests
+
+# the tests `make test` leaves out (marked slow or tpu_compile); CI runs both tiers
+test-full: tpu-tools
+	JAX_PLATFORMS=cpu XLA_FLAGS="$(TEST_XLA_FLAGS)" MEMZOO_LIBTPU_DIR=$(LIBTPU_DIR) \
+		$(BIN)/pytest $(PYTEST_ARGS) -m "slow or tpu_compile" tests
 
 # libtpu matching the installed jax, in its own directory (not on the default path, so jax on a
 # machine without TPUs still starts on CPU): ahead-of-time TPU compiles from this host.
@@ -40,7 +48,7 @@ tpu-tools: $(LIBTPU_DIR)/.installed
 
 # compile every TPU kernel (forward and backward) for v5e and v6e with libtpu, on this CPU host
 test-tpu-compile: tpu-tools
-	JAX_PLATFORMS=cpu MEMZOO_LIBTPU_DIR=$(LIBTPU_DIR) $(BIN)/pytest -m tpu_compile tests
+	JAX_PLATFORMS=cpu MEMZOO_LIBTPU_DIR=$(LIBTPU_DIR) $(BIN)/pytest $(PYTEST_ARGS) -m tpu_compile tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

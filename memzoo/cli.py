@@ -1,7 +1,8 @@
 """Command line: ``memzoo train CONFIG [key=value ...]``, ``memzoo eval RUN_DIR``,
 ``memzoo eval ppl|mqar|niah RUN_DIR [key=value ...]``, ``memzoo generate RUN_DIR --prompt TEXT``,
 ``memzoo models``, ``memzoo config CONFIG``, ``memzoo sweep SWEEP.yaml [--dry-run]
-[--print-commands] [--max-parallel N]``, ``memzoo report SWEEP_DIR``."""
+[--print-commands] [--max-parallel N]``, ``memzoo report SWEEP_DIR``,
+``memzoo compile CONFIG [key=value ...] topology=v5e:16x16 [--json PATH]``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+# `memzoo train` after SIGTERM / SIGINT: the checkpoint is saved and rerunning resumes
+EXIT_SIGTERM, EXIT_SIGINT = 143, 130
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from memzoo.config import load_config
@@ -17,8 +21,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
-    if summary.get("interrupted"):
-        return 0
+    if summary.get("interrupted"):  # checkpoint saved; a distinct status: 128 + signal number
+        return {"SIGTERM": EXIT_SIGTERM, "SIGINT": EXIT_SIGINT}.get(summary["interrupted"], 0)
     out = {k: summary[k] for k in ("final_step", "heldout_loss", "heldout_bpb") if k in summary}
     print(json.dumps({"run_dir": summary["run_dir"], **out}))
     return 0
@@ -194,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     from memzoo.sweep.cli import add_subcommands
 
     add_subcommands(sub)
+    from memzoo.compile import add_subcommand as add_compile
+
+    add_compile(sub)
     return parser
 
 

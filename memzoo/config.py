@@ -51,6 +51,9 @@ class ModelConfig:
     use_output_gate: bool = True
     chunk_size: int = 64
     impl: str = "auto"
+    kernel_block_v: int = 0
+    kernel_interpret: bool = False
+    remat: bool = False
     gate_low_rank: int = 16
     hgrn_lower_bound: float = 0.0
     mlp_ratio: float = 2.6875
@@ -123,10 +126,52 @@ class TrainConfig:
 
 
 @dataclass
+class ShardingRules:
+    """Logical axis name -> mesh axes (None: replicated; a name; or a list of names).
+
+    Every parameter carries logical names per dimension (``memzoo.layers.partitioning``);
+    ``batch`` and ``length`` name activation dimensions (batch rows, time)."""
+
+    batch: Any = field(default_factory=lambda: ["data", "fsdp"])
+    length: Any = None
+    embed: Any = "fsdp"
+    vocab: Any = "tensor"
+    mlp: Any = "tensor"
+    heads: Any = "tensor"
+    kv_heads: Any = "tensor"
+    head_dim: Any = None
+    gates: Any = None
+    low_rank: Any = None
+    norm: Any = None
+    conv: Any = None
+    memories: Any = None
+    slots: Any = None
+    state: Any = None
+    persistent: Any = None
+    position: Any = None
+
+
+@dataclass
 class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    rules: ShardingRules = field(default_factory=ShardingRules)
+
+
+@dataclass
+class DistributedConfig:
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+    auto: bool = False
+    data_shards: int = 0
+    initialization_timeout: int = 300
+    heartbeat_timeout: int = 100
+    shutdown_timeout: int = 300
 
 
 @dataclass
@@ -150,6 +195,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     @property
@@ -460,6 +506,12 @@ def validate(cfg: Config) -> None:
         f"model.expand_v={m.expand_v} times head_dim={dk} is not an integer",
     )
     _check(m.impl in ("auto", "scan", "xla", "pallas_tpu", "pallas_gpu"), f"model.impl '{m.impl}'")
+    _check(m.kernel_block_v >= 0, f"model.kernel_block_v must be >= 0, got {m.kernel_block_v}")
+    _check(
+        not m.kernel_interpret or m.impl in ("pallas_tpu", "pallas_gpu"),
+        f"model.kernel_interpret=true runs a Pallas kernel in interpret mode; it needs "
+        f"model.impl=pallas_tpu or pallas_gpu, got model.impl={m.impl}",
+    )
     kinds = layer_kinds(m)
     from memzoo.layers.titans import TITANS_KINDS
 
@@ -519,7 +571,50 @@ def validate(cfg: Config) -> None:
     for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _check(getattr(t, k) > 0, f"train.{k} must be > 0, got {getattr(t, k)}")
     _check(t.eval_batches >= 0, "train.eval_batches must be >= 0")
+    _check_mesh(cfg)
     try:
         validate_data_config(cfg.data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _check_mesh(cfg: Config) -> None:
+    """Mesh sizes and sharding rules (what needs no devices; the device count, divisibility of
+    parameter dims and the batch are checked by ``memzoo.train.sharding`` once the mesh
+    exists)."""
+    mesh = cfg.mesh
+    ici = [getattr(mesh, a) for a in MESH_AXES]
+    _check(
+        ici.count(-1) <= 1,
+        "mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
+    )
+    for a in MESH_AXES:
+        v = getattr(mesh, a)
+        _check(v == -1 or v >= 1, f"mesh.{a} must be >= 1 or -1, got {v}")
+        d = getattr(mesh, f"dcn_{a}")
+        _check(d >= 1, f"mesh.dcn_{a} must be >= 1, got {d}")
+    for f in dataclasses.fields(mesh.rules):
+        value = getattr(mesh.rules, f.name)
+        names = [value] if isinstance(value, str) else value
+        _check(
+            value is None or isinstance(names, (list, tuple)),
+            f"mesh.rules.{f.name} must be null, a mesh axis name or a list of them, got {value!r}",
+        )
+        for n in names or []:
+            _check(
+                n in MESH_AXES,
+                f"mesh.rules.{f.name}: unknown mesh axis {n!r} (mesh axes: {', '.join(MESH_AXES)})",
+            )
+        _check(
+            len(set(names or [])) == len(names or []),
+            f"mesh.rules.{f.name} names a mesh axis twice: {value!r}",
+        )
+    dist = cfg.distributed
+    _check(dist.num_processes >= 0, "distributed.num_processes must be >= 0")
+    _check(dist.process_id >= -1, "distributed.process_id must be >= -1")
+    _check(dist.data_shards >= 0, "distributed.data_shards must be >= 0")
+    for k in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
+        _check(getattr(dist, k) > 0, f"distributed.{k} must be > 0, got {getattr(dist, k)}")

@@ -234,12 +234,22 @@ class MQARTrainIterator:
     the batch counter plus the settings it depends on (checked on restore).
     """
 
-    def __init__(self, cfg: Any, *, batch_size: int, seq_len: int, seed: int) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        shard_index: int = 0,
+        shard_count: int = 1,
+    ) -> None:
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
         spec = spec_from_config(cfg, seq_len)
         self.source = MQARSource(spec, seed=seed, stream=TRAIN_STREAM)
         self.batch_size = int(batch_size)
+        self.shard_index, self.shard_count = int(shard_index), int(shard_count)
         self._next = 0
         self._meta = {
             "version": _STATE_VERSION,
@@ -252,12 +262,15 @@ class MQARTrainIterator:
             "passes": spec.passes,
             "gap_power": spec.gap_power,
         }
+        if self.shard_count > 1:
+            self._meta["shard"] = [self.shard_index, self.shard_count]
 
     def __iter__(self) -> MQARTrainIterator:
         return self
 
     def __next__(self) -> Batch:
-        batch = self.source.batch(self._next * self.batch_size, self.batch_size)
+        start = (self._next * self.shard_count + self.shard_index) * self.batch_size
+        batch = self.source.batch(start, self.batch_size)
         self._next += 1
         return batch
 

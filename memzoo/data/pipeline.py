@@ -198,7 +198,13 @@ def _shuffle_seed(seed: int) -> int:
 
 
 def _doc_dataset(
-    cfg: DataConfig, tokenizer: Tokenizer, split: str, seed: int, infinite: bool
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    split: str,
+    seed: int,
+    infinite: bool,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> grain.IterDataset:
     train_src, held_src = build_sources(cfg)
     src = train_src if split == "train" else held_src
@@ -208,6 +214,12 @@ def _doc_dataset(
             f"(source {cfg.source!r}, heldout_fraction {cfg.heldout_fraction})"
         )
     ds = grain.MapDataset.source(src)
+    if shard_count > 1:  # per-host reading: documents shard_index, shard_index + count, ...
+        if len(src) < shard_count:
+            raise ValueError(
+                f"{len(src)} {split} documents cannot be split into {shard_count} data shards"
+            )
+        ds = ds[shard_index::shard_count]
     if cfg.shuffle and split == "train":
         ds = ds.shuffle(seed=_shuffle_seed(seed))
     if infinite:
@@ -234,7 +246,14 @@ class TrainIterator:
     """
 
     def __init__(
-        self, cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int
+        self,
+        cfg: DataConfig,
+        tokenizer: Tokenizer,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        shard_index: int = 0,
+        shard_count: int = 1,
     ) -> None:
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
@@ -246,7 +265,11 @@ class TrainIterator:
             "seed": int(seed),
             "vocab_size": int(tokenizer.vocab_size),
         }
-        docs = _doc_dataset(cfg, tokenizer, "train", seed, infinite=True)
+        if shard_count > 1:
+            self._meta["shard"] = [int(shard_index), int(shard_count)]
+        docs = _doc_dataset(
+            cfg, tokenizer, "train", seed, True, shard_index=shard_index, shard_count=shard_count
+        )
         ds = PackIterDataset(docs, seq_len, tokenizer.pad_id)
         if cfg.passkey_fraction > 0:
             from memzoo.data.passkey import PasskeyMixIterDataset
@@ -288,7 +311,14 @@ class TrainIterator:
 
 
 def make_train_iterator(
-    cfg: DataConfig, tokenizer: Tokenizer, *, batch_size: int, seq_len: int, seed: int
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> TrainIterator | MQARTrainIterator:
     """Infinite, deterministic iterator of packed training batches.
 
@@ -298,10 +328,22 @@ def make_train_iterator(
     Epochs repeat; with ``cfg.shuffle`` each epoch's document order is a fresh permutation
     (grain ``index_shuffle`` seeded by ``hash(seed) + epoch``).
     See ``TrainIterator`` for the batch format and state.
+
+    Per-host reading (``shard_count > 1``): shard ``shard_index`` reads documents
+    ``shard_index::shard_count`` (grain slicing, before the shuffle) and packs its own rows;
+    for MQAR, shard ``s`` of ``S`` yields rows ``s*batch_size ...`` of each block of
+    ``S * batch_size`` samples, so the shards' batches side by side are the unsharded stream.
     """
     if cfg.source == "mqar":
-        return MQARTrainIterator(cfg, batch_size=batch_size, seq_len=seq_len, seed=seed)
-    return TrainIterator(cfg, tokenizer, batch_size, seq_len, seed)
+        return MQARTrainIterator(
+            cfg,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            seed=seed,
+            shard_index=shard_index,
+            shard_count=shard_count,
+        )
+    return TrainIterator(cfg, tokenizer, batch_size, seq_len, seed, shard_index, shard_count)
 
 
 def heldout_batches(

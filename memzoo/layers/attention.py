@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memzoo.layers.norms import RMSNorm
+from memzoo.layers.partitioning import dense
 from memzoo.layers.rope import apply_rope, segment_positions
 
 __all__ = ["Attention"]
@@ -74,12 +75,16 @@ class Attention(nnx.Module):
         self.qk_norm = qk_norm
         self.dtype = dtype
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = nnx.Linear(d_model, num_heads * head_dim, **kw)
-        self.k_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
-        self.v_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
-        self.o_proj = nnx.Linear(num_heads * head_dim, d_model, **kw)
+        self.q_proj = nnx.Linear(d_model, num_heads * head_dim, **kw, **dense("embed", "heads"))
+        self.k_proj = nnx.Linear(
+            d_model, num_kv_heads * head_dim, **kw, **dense("embed", "kv_heads")
+        )
+        self.v_proj = nnx.Linear(
+            d_model, num_kv_heads * head_dim, **kw, **dense("embed", "kv_heads")
+        )
+        self.o_proj = nnx.Linear(num_heads * head_dim, d_model, **kw, **dense("heads", "embed"))
         if qk_norm:
-            nkw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            nkw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, axis="head_dim")
             self.q_norm = RMSNorm(head_dim, **nkw)
             self.k_norm = RMSNorm(head_dim, **nkw)
         else:

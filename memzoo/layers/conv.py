@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memzoo.layers.partitioning import param
 from memzoo.layers.rope import segment_positions
 
 __all__ = ["ShortConv"]
@@ -37,6 +38,7 @@ class ShortConv(nnx.Module):
         use_bias: bool = False,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
+        axis: str = "heads",
         rngs: nnx.Rngs,
     ) -> None:
         if kernel_size < 1:
@@ -46,13 +48,16 @@ class ShortConv(nnx.Module):
         self.use_bias = use_bias
         self.dtype = dtype
         bound = 1.0 / math.sqrt(kernel_size)
-        self.weight = nnx.Param(
+        # ``axis``: the channels' logical axis name (memzoo.layers.partitioning)
+        self.weight = param(
             jax.random.uniform(
                 rngs.params(), (kernel_size, channels), param_dtype, minval=-bound, maxval=bound
-            )
+            ),
+            "conv",
+            axis,
         )
         self.bias = (
-            nnx.Param(jax.random.uniform(rngs.params(), (channels,), param_dtype, -bound, bound))
+            param(jax.random.uniform(rngs.params(), (channels,), param_dtype, -bound, bound), axis)
             if use_bias
             else None
         )

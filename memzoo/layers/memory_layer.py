@@ -24,6 +24,7 @@ from flax import nnx
 
 from memzoo.layers.conv import ShortConv
 from memzoo.layers.norms import GatedRMSNorm, RMSNorm
+from memzoo.layers.partitioning import dense
 from memzoo.memories import Memory, build_memory
 
 Array = jax.Array
@@ -74,17 +75,31 @@ class MemoryLayer(nnx.Module):
         self.uses_key = self.memory.uses_key
         self.num_kv = int(getattr(self.memory, "num_kv", 1))
         width = num_heads * (dk * (1 + self.num_kv * int(self.uses_key)) + self.num_kv * dv)
-        self.in_proj = nnx.Linear(d_model, width, use_bias=False, kernel_init=init, **kw)
+        self.in_proj = nnx.Linear(
+            d_model, width, use_bias=False, kernel_init=init, **kw, **dense("embed", "heads")
+        )
         self.conv = ShortConv(width, conv_size, **kw) if use_short_conv else None
         self.use_output_gate = use_output_gate
         if use_output_gate:
             self.g_proj = nnx.Linear(
-                d_model, num_heads * dv, use_bias=False, kernel_init=init, **kw
+                d_model,
+                num_heads * dv,
+                use_bias=False,
+                kernel_init=init,
+                **kw,
+                **dense("embed", "heads"),
             )
             self.out_norm = GatedRMSNorm(dv, eps=norm_eps, **kw)
         else:
-            self.out_norm = RMSNorm(dv, eps=norm_eps, **kw)
-        self.o_proj = nnx.Linear(num_heads * dv, d_model, use_bias=False, kernel_init=init, **kw)
+            self.out_norm = RMSNorm(dv, eps=norm_eps, axis="head_dim", **kw)
+        self.o_proj = nnx.Linear(
+            num_heads * dv,
+            d_model,
+            use_bias=False,
+            kernel_init=init,
+            **kw,
+            **dense("heads", "embed"),
+        )
 
     def init_cache(self, batch_size: int, max_len: int = 0, dtype: Any = jnp.float32) -> dict:
         if self.owns_layer:

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memzoo.layers.partitioning import dense
+
 __all__ = ["SwiGLU"]
 
 
@@ -29,9 +31,9 @@ class SwiGLU(nnx.Module):
         self.hidden_dim = hidden_dim
         self.dtype = dtype
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate = nnx.Linear(d_model, hidden_dim, **kw)
-        self.up = nnx.Linear(d_model, hidden_dim, **kw)
-        self.down = nnx.Linear(hidden_dim, d_model, **kw)
+        self.gate = nnx.Linear(d_model, hidden_dim, **kw, **dense("embed", "mlp"))
+        self.up = nnx.Linear(d_model, hidden_dim, **kw, **dense("embed", "mlp"))
+        self.down = nnx.Linear(hidden_dim, d_model, **kw, **dense("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply to ``x`` of shape ``[..., d_model]``."""

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memzoo.layers.partitioning import param
+
 __all__ = ["RMSNorm", "GatedRMSNorm", "l2_normalize"]
 
 
@@ -46,13 +48,15 @@ class RMSNorm(nnx.Module):
         eps: float = 1e-6,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
+        axis: str = "norm",
         rngs: nnx.Rngs,
     ) -> None:
         del rngs  # deterministic init
         self.dim = dim
         self.eps = eps
         self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((dim,), dtype=param_dtype))
+        # ``axis``: the scale's logical axis name (memzoo.layers.partitioning)
+        self.scale = param(jnp.ones((dim,), dtype=param_dtype), axis)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalise ``x`` of shape ``[..., dim]``."""
@@ -84,7 +88,7 @@ class GatedRMSNorm(nnx.Module):
         self.dim = dim
         self.eps = eps
         self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((dim,), dtype=param_dtype))
+        self.scale = param(jnp.ones((dim,), dtype=param_dtype), "head_dim")
 
     def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
         """Return ``RMSNorm(x) * silu(gate)``; both inputs ``[..., dim]``."""

@@ -79,6 +79,7 @@ from jax import lax
 from memzoo.layers.attention import Attention
 from memzoo.layers.memory_layer import MemoryLayer
 from memzoo.layers.norms import RMSNorm
+from memzoo.layers.partitioning import dense, param
 from memzoo.layers.rope import apply_rope, segment_positions
 
 Array = jax.Array
@@ -127,12 +128,14 @@ class PersistentAttention(Attention):
             raise ValueError(f"num_persistent must be >= 0, got {num_persistent}")
         self.num_persistent = num_persistent
         if num_persistent:
-            self.persistent = nnx.Param(
+            self.persistent = param(
                 nnx.initializers.normal(1.0)(
                     rngs.params(),
                     (num_persistent, self.d_model),
                     kwargs.get("param_dtype", jnp.float32),
-                )
+                ),
+                "persistent",
+                "embed",
             )
         else:
             self.persistent = None
@@ -588,7 +591,12 @@ class TitansMAG(nnx.Module):
         self.norm_y = RMSNorm(d_model, eps=norm_eps, **kw)
         self.norm_m = RMSNorm(d_model, eps=norm_eps, **kw)
         self.out_proj = nnx.Linear(
-            d_model, d_model, use_bias=False, kernel_init=nnx.initializers.normal(init_std), **kw
+            d_model,
+            d_model,
+            use_bias=False,
+            kernel_init=nnx.initializers.normal(init_std),
+            **kw,
+            **dense("mlp", "embed"),
         )
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> dict:

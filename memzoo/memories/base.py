@@ -70,3 +70,19 @@ def build_memory(name: str, **kwargs: Any) -> Memory:
     if name not in _REGISTRY:
         raise ValueError(f"unknown memory '{name}'; known: {', '.join(memory_names())}")
     return _REGISTRY[name](**kwargs)
+
+
+def kernel_kwargs(options: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """Keyword arguments for the ops from ``model.kernel_block_v`` / ``model.kernel_interpret``
+    (``{"block_v": int, "interpret": bool}``); only the ones that are set, so XLA impls never
+    see them. A tuple of items (a module's static attributes must be hashable)."""
+    options = dict(options or {})
+    unknown = set(options) - {"block_v", "interpret"}
+    if unknown:
+        raise ValueError(f"kernel_options: unknown keys {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    if options.get("block_v"):
+        out["block_v"] = int(options["block_v"])
+    if options.get("interpret"):
+        out["interpret"] = True
+    return tuple(sorted(out.items()))

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memzoo.layers.conv import ShortConv
+from memzoo.layers.partitioning import dense, param
 from memzoo.memories.base import Array, Memory, register_memory
 
 
@@ -76,11 +77,15 @@ class GatedAssociativeMemory(Memory):
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         init = nnx.initializers.normal(init_std)
-        self.conv = ShortConv(d_model, local_kernel, use_bias=True, **kw)
+        self.conv = ShortConv(d_model, local_kernel, use_bias=True, axis="embed", **kw)
         bank = jax.random.normal(rngs.params(), (num_slots, d_model)) / math.sqrt(d_model)
-        self.bank = nnx.Param(bank.astype(param_dtype))
-        self.gate = nnx.Linear(d_model, 2 * d_model, use_bias=True, kernel_init=init, **kw)
-        self.o_proj = nnx.Linear(d_model, d_model, use_bias=True, kernel_init=init, **kw)
+        self.bank = param(bank.astype(param_dtype), "slots", "embed")
+        self.gate = nnx.Linear(
+            d_model, 2 * d_model, use_bias=True, kernel_init=init, **kw, **dense("embed", "mlp")
+        )
+        self.o_proj = nnx.Linear(
+            d_model, d_model, use_bias=True, kernel_init=init, **kw, **dense("mlp", "embed")
+        )
 
     def init_cache(self, batch_size: int, max_len: int = 0, dtype: Any = jnp.float32) -> dict:
         return {"conv": self.conv.init_cache(batch_size, dtype)}

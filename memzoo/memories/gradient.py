@@ -33,7 +33,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memzoo.layers.norms import l2_normalize
-from memzoo.memories.base import Array, Gates, Memory, register_memory
+from memzoo.layers.partitioning import dense, kernel_op, param
+from memzoo.memories.base import Array, Gates, Memory, kernel_kwargs, register_memory
 from pallas_kernels.ops.gradient_memory import (
     GradientMemorySpec,
     MemoryArch,
@@ -121,6 +122,7 @@ class GradientMemory(Memory):
         dv: int,
         chunk_size: int = 16,
         impl: str = "auto",
+        kernel_options: dict[str, Any] | None = None,
         gate_low_rank: int = 16,
         init_std: float = 0.02,
         dtype: Any = jnp.float32,
@@ -131,6 +133,7 @@ class GradientMemory(Memory):
         p = preset
         self.preset = p
         self.num_heads, self.chunk_size, self.impl = num_heads, chunk_size, impl
+        self.kernel_kw = kernel_kwargs(kernel_options)
         self.dk_in = dk
         dk_mem = poly_dim(dk) if p.feature_map == "poly" else dk
         self.dk, self.dv = dk_mem, dv
@@ -163,6 +166,9 @@ class GradientMemory(Memory):
         )
         H = num_heads
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=True)
+        kw_lr = dict(kw, **dense("embed", "low_rank"))
+        kw_lr2 = dict(kw, **dense("low_rank", "heads"))
+        kw.update(dense("embed", "gates"))
         init = nnx.initializers.normal(init_std)
         self.w_eta = nnx.Linear(d_model, H, kernel_init=init, **kw)
         if p.retention == "head":
@@ -170,13 +176,13 @@ class GradientMemory(Memory):
                 d_model, H, kernel_init=init, bias_init=nnx.initializers.constant(-4.0), **kw
             )
         elif p.retention == "channel":
-            self.w_a1 = nnx.Linear(d_model, gate_low_rank, kernel_init=init, **kw)
+            self.w_a1 = nnx.Linear(d_model, gate_low_rank, kernel_init=init, **kw_lr)
             self.w_a2 = nnx.Linear(
                 gate_low_rank,
                 H * dk_mem,
                 kernel_init=init,
                 bias_init=nnx.initializers.constant(-4.0),
-                **kw,
+                **kw_lr2,
             )
         if p.algorithm != "gd":
             self.w_mu = nnx.Linear(
@@ -191,7 +197,7 @@ class GradientMemory(Memory):
                 d_model, H, kernel_init=init, bias_init=nnx.initializers.constant(1.0), **kw
             )
         if p.feature_map == "poly":
-            self.poly_coef = nnx.Param(jnp.array([1.0, 0.5], param_dtype))  # 1/i!, i = 1, 2
+            self.poly_coef = param(jnp.array([1.0, 0.5], param_dtype), None)  # 1/i!, i = 1, 2
         key = rngs.params()
         theta = arch.init(key, H, dk_mem, dv)
         if p.normalizer == "softmax":
@@ -203,7 +209,8 @@ class GradientMemory(Memory):
             }
         self.weight_names = tuple(sorted(theta))
         for n, w in theta.items():  # the reset (learned initial) memory weights, per head
-            setattr(self, f"theta_{n}", nnx.Param(w.astype(param_dtype)))
+            names = ("state",) + (None,) * (w.ndim - 1)  # [H, ...] per head
+            setattr(self, f"theta_{n}", param(w.astype(param_dtype), *names))
 
     # -- features and gates --------------------------------------------------------------------
 
@@ -241,21 +248,22 @@ class GradientMemory(Memory):
         return {n: getattr(self, f"theta_{n}")[...].astype(jnp.float32) for n in self.weight_names}
 
     def parallel(self, q, k, v, gates, *, initial_state=None, segment_ids=None):
-        return gradient_memory(
-            q,
-            k,
-            v,
-            gates["eta"],
-            spec=self.spec,
-            params=self._params(),
-            mu=gates.get("mu"),
-            log_a=gates.get("log_a"),
-            gamma=gates.get("gamma"),
-            delta=gates.get("delta"),
-            initial_state=initial_state,
-            segment_ids=segment_ids,
-            chunk_size=self.chunk_size,
-            impl=self.impl,
+        return kernel_op(
+            gradient_memory,
+            (q, k, v, gates["eta"]),
+            dict(
+                spec=self.spec,
+                params=self._params(),
+                mu=gates.get("mu"),
+                log_a=gates.get("log_a"),
+                gamma=gates.get("gamma"),
+                delta=gates.get("delta"),
+                initial_state=initial_state,
+                segment_ids=segment_ids,
+                chunk_size=self.chunk_size,
+                impl=self.impl,
+                **dict(self.kernel_kw),
+            ),
         )
 
     def step(self, q, k, v, gates, state):

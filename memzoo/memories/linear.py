@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memzoo.layers.norms import l2_normalize
-from memzoo.memories.base import Array, Gates, Memory, register_memory
+from memzoo.layers.partitioning import dense, kernel_op, param
+from memzoo.memories.base import Array, Gates, Memory, kernel_kwargs, register_memory
 from pallas_kernels import delta_rule, delta_rule_step, gla, gla_step, hgrn, hgrn_step
 
 
@@ -51,9 +52,17 @@ PRESETS: dict[str, LinearMemorySpec] = {
 }
 
 
-def _linear(d_in: int, d_out: int, *, bias: bool, std: float, rngs: nnx.Rngs, **kw: Any):
+def _linear(
+    d_in: int, d_out: int, *, bias: bool, std: float, rngs: nnx.Rngs, axes=("embed", "gates"), **kw
+):
     return nnx.Linear(
-        d_in, d_out, use_bias=bias, kernel_init=nnx.initializers.normal(std), rngs=rngs, **kw
+        d_in,
+        d_out,
+        use_bias=bias,
+        kernel_init=nnx.initializers.normal(std),
+        rngs=rngs,
+        **kw,
+        **dense(*axes),
     )
 
 
@@ -72,6 +81,7 @@ class LinearMemory(Memory):
         n_layers: int = 1,
         chunk_size: int = 64,
         impl: str = "auto",
+        kernel_options: dict[str, Any] | None = None,
         gate_low_rank: int = 16,
         hgrn_lower_bound: float = 0.0,
         init_std: float = 0.02,
@@ -85,6 +95,7 @@ class LinearMemory(Memory):
         self.uses_key = spec.rule != "hgrn" and spec.decay != "hgrn2"
         self.num_heads, self.dk, self.dv = num_heads, dk, dv
         self.chunk_size, self.impl = chunk_size, impl
+        self.kernel_kw = kernel_kwargs(kernel_options)
         self.lower_bound = hgrn_lower_bound * layer_idx / max(n_layers, 1)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         H = num_heads
@@ -92,17 +103,30 @@ class LinearMemory(Memory):
             self.w_a = _linear(d_model, H, bias=False, std=init_std, rngs=rngs, **kw)
             key = rngs.params()
             a = jax.random.uniform(key, (H,), minval=1.0, maxval=16.0)
-            self.A_log = nnx.Param(jnp.log(a).astype(param_dtype))
+            self.A_log = param(jnp.log(a).astype(param_dtype), "gates")
             dt = jnp.exp(
                 jax.random.uniform(rngs.params(), (H,)) * (math.log(0.1) - math.log(1e-3))
                 + math.log(1e-3)
             )
-            self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype))
+            self.dt_bias = param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype), "gates")
         elif spec.decay == "gla":
-            self.w_a1 = _linear(d_model, gate_low_rank, bias=False, std=init_std, rngs=rngs, **kw)
-            self.w_a2 = _linear(gate_low_rank, H * dk, bias=True, std=init_std, rngs=rngs, **kw)
+            lr = ("embed", "low_rank")
+            self.w_a1 = _linear(
+                d_model, gate_low_rank, bias=False, std=init_std, rngs=rngs, axes=lr, **kw
+            )
+            self.w_a2 = _linear(
+                gate_low_rank,
+                H * dk,
+                bias=True,
+                std=init_std,
+                rngs=rngs,
+                axes=("low_rank", "heads"),
+                **kw,
+            )
         elif spec.decay in ("hgrn2", "hgrn"):
-            self.w_f = _linear(d_model, H * dk, bias=True, std=init_std, rngs=rngs, **kw)
+            self.w_f = _linear(
+                d_model, H * dk, bias=True, std=init_std, rngs=rngs, axes=("embed", "heads"), **kw
+            )
         if spec.write == "sigmoid":
             self.w_b = _linear(d_model, H, bias=False, std=init_std, rngs=rngs, **kw)
 
@@ -150,13 +174,14 @@ class LinearMemory(Memory):
             segment_ids=segment_ids,
             chunk_size=self.chunk_size,
             impl=self.impl,
+            **dict(self.kernel_kw),
         )
         rule = self.spec.rule
         if rule == "gla":
-            return gla(q, k, v, gates.get("log_a"), **kw)
+            return kernel_op(gla, (q, k, v, gates.get("log_a")), kw)
         if rule == "delta":
-            return delta_rule(q, k, v, gates["eta"], gates.get("log_a"), **kw)
-        return hgrn(q, v, gates["log_a"], **kw)
+            return kernel_op(delta_rule, (q, k, v, gates["eta"], gates.get("log_a")), kw)
+        return kernel_op(hgrn, (q, v, gates["log_a"]), kw)
 
     def step(self, q, k, v, gates, state):
         rule = self.spec.rule

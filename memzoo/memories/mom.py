@@ -60,7 +60,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memzoo.layers.norms import l2_normalize
-from memzoo.memories.base import Array, Gates, Memory, register_memory
+from memzoo.layers.partitioning import dense, kernel_op, param
+from memzoo.memories.base import Array, Gates, Memory, kernel_kwargs, register_memory
 from pallas_kernels import delta_rule, delta_rule_step
 
 
@@ -100,6 +101,7 @@ class MixtureOfMemories(Memory):
         aux_loss_scale: float = 1e-3,
         chunk_size: int = 64,
         impl: str = "auto",
+        kernel_options: dict[str, Any] | None = None,
         init_std: float = 0.02,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
@@ -114,19 +116,28 @@ class MixtureOfMemories(Memory):
         self.num_kv = num_memories + int(shared_memory)  # key/value projection sets
         self.num_heads, self.dk, self.dv = num_heads, dk, dv
         self.chunk_size, self.impl = chunk_size, impl
+        self.kernel_kw = kernel_kwargs(kernel_options)
         n, H = self.num_kv, num_heads
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         init = nnx.initializers.normal(init_std)
-        self.router = nnx.Linear(d_model, num_memories, use_bias=False, kernel_init=init, **kw)
-        self.w_a = nnx.Linear(d_model, n * H, use_bias=False, kernel_init=init, **kw)
-        self.w_b = nnx.Linear(d_model, n * H, use_bias=False, kernel_init=init, **kw)
+        self.router = nnx.Linear(
+            d_model,
+            num_memories,
+            use_bias=False,
+            kernel_init=init,
+            **kw,
+            **dense("embed", "memories"),
+        )
+        gate = dense("embed", "gates")
+        self.w_a = nnx.Linear(d_model, n * H, use_bias=False, kernel_init=init, **kw, **gate)
+        self.w_b = nnx.Linear(d_model, n * H, use_bias=False, kernel_init=init, **kw, **gate)
         a = jax.random.uniform(rngs.params(), (n * H,), minval=1.0, maxval=16.0)
-        self.A_log = nnx.Param(jnp.log(a).astype(param_dtype))
+        self.A_log = param(jnp.log(a).astype(param_dtype), "gates")
         dt = jnp.exp(
             jax.random.uniform(rngs.params(), (n * H,)) * (math.log(0.1) - math.log(1e-3))
             + math.log(1e-3)
         )
-        self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype))
+        self.dt_bias = param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype), "gates")
 
     # -- gates and routing -----------------------------------------------------------------------
 
@@ -185,16 +196,16 @@ class MixtureOfMemories(Memory):
         eta = (gates["eta"] * routed).reshape(B, T, n * H)
         log_a = (gates["log_a"] * routed).reshape(B, T, n * H)
         qs = jnp.broadcast_to(q[:, :, None], (B, T, n, H, dk)).reshape(B, T, n * H, dk)
-        y, state = delta_rule(
-            qs,
-            k.reshape(B, T, n * H, dk),
-            v.reshape(B, T, n * H, dv),
-            eta,
-            log_a,
-            initial_state=initial_state,
-            segment_ids=segment_ids,
-            chunk_size=self.chunk_size,
-            impl=self.impl,
+        y, state = kernel_op(
+            delta_rule,
+            (qs, k.reshape(B, T, n * H, dk), v.reshape(B, T, n * H, dv), eta, log_a),
+            dict(
+                initial_state=initial_state,
+                segment_ids=segment_ids,
+                chunk_size=self.chunk_size,
+                impl=self.impl,
+                **dict(self.kernel_kw),
+            ),
         )
         y = y.reshape(B, T, n, H, dv).astype(jnp.float32)
         o = jnp.einsum("btnhv,btn->bthv", y, gates["weight"])
@@ -232,15 +243,15 @@ class MixtureOfMemories(Memory):
             return jnp.take_along_axis(a2, ix, axis=1)
 
         qs = jnp.take_along_axis(q, ts[:, :, None, None], axis=1)
-        y, _ = delta_rule(
-            qs,
-            gather_tm(k),
-            gather_tm(v),
-            gather_tm(gates["eta"]),
-            gather_tm(gates["log_a"]),
-            segment_ids=packed_seg,
-            chunk_size=self.chunk_size,
-            impl=self.impl,
+        y, _ = kernel_op(
+            delta_rule,
+            (qs, gather_tm(k), gather_tm(v), gather_tm(gates["eta"]), gather_tm(gates["log_a"])),
+            dict(
+                segment_ids=packed_seg,
+                chunk_size=self.chunk_size,
+                impl=self.impl,
+                **dict(self.kernel_kw),
+            ),
         )
         w = gather_tm(gates["weight"][..., None])[..., 0]  # [B,L]
         contrib = y.astype(jnp.float32) * w[:, :, None, None]

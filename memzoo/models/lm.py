@@ -26,6 +26,7 @@ from memzoo.layers.attention import Attention
 from memzoo.layers.memory_layer import MemoryLayer
 from memzoo.layers.mlp import SwiGLU
 from memzoo.layers.norms import RMSNorm
+from memzoo.layers.partitioning import constrain, dense, meta
 from memzoo.layers.rope import segment_positions
 from memzoo.memories.gradient import PRESETS as GRADIENT_PRESETS
 
@@ -43,8 +44,8 @@ class GeluMLP(nnx.Module):
     def __init__(self, d_model: int, hidden_dim: int, *, dtype, param_dtype, rngs):
         self.dtype = dtype
         kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.up = nnx.Linear(d_model, hidden_dim, **kw)
-        self.down = nnx.Linear(hidden_dim, d_model, **kw)
+        self.up = nnx.Linear(d_model, hidden_dim, **kw, **dense("embed", "mlp"))
+        self.down = nnx.Linear(hidden_dim, d_model, **kw, **dense("mlp", "embed"))
 
     def __call__(self, x: Array) -> Array:
         return self.down(jax.nn.gelu(self.up(x.astype(self.dtype))))
@@ -53,7 +54,13 @@ class GeluMLP(nnx.Module):
 def build_norm(cfg: ModelConfig, *, dtype, param_dtype, rngs):
     if cfg.norm_type == "layer":
         return nnx.LayerNorm(
-            cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            cfg.d_model,
+            epsilon=cfg.norm_eps,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scale_metadata=meta("norm"),
+            bias_metadata=meta("norm"),
+            rngs=rngs,
         )
     return RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -91,6 +98,7 @@ def memory_layer_options(cfg: ModelConfig, layer_idx: int) -> dict[str, Any]:
         n_layers=cfg.n_layers,
         chunk_size=cfg.chunk_size,
         impl=cfg.impl,
+        kernel_options={"block_v": cfg.kernel_block_v, "interpret": cfg.kernel_interpret},
         gate_low_rank=cfg.gate_low_rank,
     )
 
@@ -164,6 +172,7 @@ class LM(nnx.Module):
             embedding_init=nnx.initializers.normal(cfg.init_std),
             dtype=dtype,
             param_dtype=param_dtype,
+            embedding_metadata=meta("vocab", "embed"),
             rngs=rngs,
         )
         self.blocks = nnx.List(
@@ -174,6 +183,7 @@ class LM(nnx.Module):
         )
         self.final_norm = build_norm(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.abs_pos_emb = cfg.abs_pos_emb
+        self.remat = cfg.remat
         if cfg.abs_pos_emb:
             self.max_seq_len = cfg.max_seq_len
             self.pos_embed = nnx.Embed(
@@ -182,6 +192,7 @@ class LM(nnx.Module):
                 embedding_init=nnx.initializers.normal(cfg.init_std),
                 dtype=dtype,
                 param_dtype=param_dtype,
+                embedding_metadata=meta("position", "embed"),
                 rngs=rngs,
             )
         if not cfg.tie_embeddings:
@@ -193,6 +204,7 @@ class LM(nnx.Module):
                 dtype=dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,
+                **dense("embed", "vocab"),
             )
         else:
             self.head = None
@@ -226,8 +238,14 @@ class LM(nnx.Module):
             # positions past max_seq_len clip to the last embedding (documented limit)
             h = h + self.pos_embed(jnp.minimum(pos, self.max_seq_len - 1)).astype(h.dtype)
         new_cache = None if cache is None else []
+        # block boundaries: rows over the batch axes (identity outside activation_sharding)
+        h = constrain(h, "batch", "length", None)
         for i, block in enumerate(self.blocks):
-            h, c = block(h, segment_ids=segment_ids, cache=None if cache is None else cache[i])
+            if self.remat and cache is None:  # keep block inputs only; recompute in backward
+                h, c = nnx.remat(_run_block)(block, h, segment_ids)
+            else:
+                h, c = block(h, segment_ids=segment_ids, cache=None if cache is None else cache[i])
+            h = constrain(h, "batch", "length", None)
             if new_cache is not None:
                 new_cache.append(c)
         if new_cache is not None and self.abs_pos_emb:
@@ -235,6 +253,10 @@ class LM(nnx.Module):
         h = self.final_norm(h)
         logits = self.embed.attend(h) if self.head is None else self.head(h)
         return logits.astype(jnp.float32), new_cache
+
+
+def _run_block(block: nnx.Module, h: Array, segment_ids: Array | None) -> tuple[Array, Any]:
+    return block(h, segment_ids=segment_ids, cache=None)
 
 
 def count_params(model: nnx.Module) -> int:

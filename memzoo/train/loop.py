@@ -3,7 +3,11 @@
 ``train(cfg)`` builds the model, data, optimiser and mesh from a validated config, resumes from
 ``runs/<run_name>/checkpoints`` when a checkpoint exists, and trains to ``cfg.steps``, logging to
 ``metrics.jsonl`` and TensorBoard, evaluating held-out loss / bits per byte, and saving
-checkpoints (async, keep-last-K, atomic). SIGTERM / SIGINT save a checkpoint and exit cleanly.
+checkpoints (async, keep-last-K, atomic). SIGTERM / SIGINT save a checkpoint and return
+(``memzoo train`` then exits 143 / 130). Parameters, optimizer state and batches are sharded
+over the config's mesh (:mod:`memzoo.train.sharding`); several hosts train together
+(:mod:`memzoo.train.distributed`). A non-finite loss stops the run or skips the update
+(``train.on_nonfinite``), naming the step and the offending batch rows.
 """
 
 from __future__ import annotations
@@ -19,19 +23,28 @@ import jax
 import numpy as np
 import yaml
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from memzoo.config import Config, ConfigError, save_config
-from memzoo.data import build_tokenizer, heldout_batches, make_train_iterator
+from memzoo.config import MESH_AXES, Config, ConfigError, save_config
+from memzoo.data import build_tokenizer, heldout_batches
 from memzoo.evaluate import heldout_metrics
-from memzoo.models.lm import build_model, count_params, describe
+from memzoo.models.lm import build_model, describe
+from memzoo.train import distributed
 from memzoo.train.checkpoint import Checkpointer
 from memzoo.train.metrics import MetricsWriter, flops_per_token
 from memzoo.train.optim import make_optimizer
-from memzoo.train.step import make_eval_step, make_train_step
+from memzoo.train.sharding import (
+    batch_sharding,
+    build_mesh,
+    opt_shardings,
+    param_shardings,
+    rules,
+    validate_shardings,
+)
+from memzoo.train.step import make_eval_step, make_row_loss, make_train_step
 
-MESH_AXES = ("data", "fsdp", "tensor")
+__all__ = ["MESH_AXES", "TrainingError", "make_mesh", "train"]
 
 
 class TrainingError(RuntimeError):
@@ -39,27 +52,8 @@ class TrainingError(RuntimeError):
 
 
 def make_mesh(cfg: Config) -> Mesh:
-    """Mesh over all devices with named axes (data, fsdp, tensor); -1 fills the remainder.
-
-    Today the batch is split over data x fsdp and parameters are replicated; the fsdp and
-    tensor axes are declared so that sharded parameters are a change of partition specs."""
-    devices = jax.devices()
-    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
-    if sizes.count(-1) > 1:
-        raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ConfigError(f"mesh: {len(devices)} devices are not divisible by {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ConfigError(
-            f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {len(devices)} devices"
-        )
-    dp = sizes[0] * sizes[1]
-    if cfg.batch_size % dp:
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by data*fsdp={dp}")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    """The config's device mesh (the old name; see :func:`memzoo.train.sharding.build_mesh`)."""
+    return build_mesh(cfg)
 
 
 class _StopFlag:
@@ -108,13 +102,50 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _describe_nonfinite(
+    row_loss: Any, params: Any, batch: dict, local: dict, data: Any, tokenizer: Any, step: int
+) -> str:
+    """Which input made step ``step`` non-finite: global batch rows whose own loss is
+    non-finite, their documents (segment ids) and the start of the text (rows held here)."""
+    try:
+        per_row = np.asarray(row_loss(params, batch))
+    except Exception as e:  # noqa: BLE001 - a diagnosis must not hide the original error
+        return f"(could not attribute it to rows: {type(e).__name__})"
+    bad = [int(i) for i in np.flatnonzero(~np.isfinite(per_row))]
+    where = f"batch {step - 1} of the data stream (0-based; the batch of step {step})"
+    if not bad:
+        return f"input: {where}; every row's own loss is finite (a non-finite gradient)"
+    parts = []
+    for r in bad[:4]:
+        desc = f"row {r}"
+        if data.lo <= r < data.hi:
+            seg = np.asarray(local["segment_ids"][r - data.lo])
+            docs = sorted({int(x) for x in seg if x > 0})
+            ids = [int(t) for t in np.asarray(local["inputs"][r - data.lo])[:24]]
+            try:
+                text = tokenizer.decode(ids)
+            except Exception:  # noqa: BLE001
+                text = str(ids)
+            desc += f" (documents {docs} of the row, starts {text!r})"
+        parts.append(desc)
+    more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+    return f"input: {where}, rows {bad} of {len(per_row)}: {'; '.join(parts)}{more}"
+
+
 def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
     """Train (or resume) the run described by ``cfg``; returns a summary dict.
 
     ``stop_at`` ends this invocation after that global step as a preemption would (checkpoint,
     clean return), for time-sliced jobs; rerunning resumes. The summary holds ``losses`` (one
-    per step run here), ``start_step``, ``final_step`` and the last held-out metrics.
+    per step run here), ``start_step``, ``final_step`` and the last held-out metrics;
+    ``interrupted`` names the signal (or ``stop_at``) that ended the run early.
+
+    Multi-host: every process calls ``train`` with the same config (``distributed.*`` keys or
+    environment, see :mod:`memzoo.train.distributed`); process 0 writes the config, metrics and
+    logs, all processes write their checkpoint shards together.
     """
+    distributed.initialize(cfg)
+    main = distributed.is_main()
     run_dir = cfg.run_dir
     tokenizer = build_tokenizer(cfg.data)
     if cfg.model.vocab_size == 0:
@@ -127,25 +158,33 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
     saved = run_dir / "config.yaml"
     if saved.exists():
         _check_resume_compatible(cfg, saved)
-    save_config(cfg, saved)
 
-    mesh = make_mesh(cfg)
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    mesh = build_mesh(cfg)
+    b_sh = batch_sharding(mesh, cfg)
 
-    model = build_model(cfg.model, seed=cfg.seed, precision=cfg.train.precision)
-    graphdef, params = nnx.split(model)
-    n_params = count_params(model)
-    n_embed = model.embed.embedding[...].size
-    del model
-    _log(describe(nnx.merge(graphdef, params)))
-    params = jax.device_put(params, replicated)
-    tx, schedule = make_optimizer(cfg)
-    opt_state = jax.device_put(tx.init(params), replicated)
+    def init_params():
+        return nnx.split(build_model(cfg.model, seed=cfg.seed, precision=cfg.train.precision))[1]
 
-    data_it = make_train_iterator(
-        cfg.data, tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed
+    graphdef, abstract = nnx.split(
+        nnx.eval_shape(lambda: build_model(cfg.model, seed=cfg.seed, precision=cfg.train.precision))
     )
+    validate_shardings(mesh, abstract, cfg)  # one-line errors before anything is placed
+    data = distributed.HostData(cfg, tokenizer, b_sh)
+    if jax.process_count() > 1:  # everyone has checked the saved config before it changes
+        multihost_utils.sync_global_devices("memzoo:config-checked")
+    if main:
+        save_config(cfg, saved)
+
+    p_sh = param_shardings(mesh, abstract, cfg)
+    params = jax.jit(init_params, out_shardings=p_sh)()  # created sharded, never whole
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+    n_embed = int(np.prod(abstract["embed"]["embedding"].shape))
+    if main:
+        _log(describe(nnx.merge(graphdef, params)))
+    tx, schedule = make_optimizer(cfg)
+    o_sh = opt_shardings(mesh, jax.eval_shape(tx.init, abstract), cfg)
+    opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
+
     eval_batches = (
         heldout_batches(
             cfg.data,
@@ -167,47 +206,65 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
     latest = ckpt.latest_step()
     if latest is not None:
         params, opt_state, data_state = ckpt.restore(latest, params, opt_state)
-        data_it.set_state(data_state["iterator"])
+        data.set_state(data_state)
         start = int(data_state["step"])
-        _log(f"resuming run '{cfg.run_name}' from step {start} ({run_dir / 'checkpoints'})")
+        if main:
+            _log(f"resuming run '{cfg.run_name}' from step {start} ({run_dir / 'checkpoints'})")
 
-    train_step = make_train_step(graphdef, tx, cfg.train.grad_accum)
+    r = rules(cfg)
+    train_step = make_train_step(
+        graphdef,
+        tx,
+        cfg.train.grad_accum,
+        mesh=mesh,
+        rules=r,
+        param_sharding=p_sh,
+        opt_sharding=o_sh,
+        batch_sharding=b_sh,
+    )
     eval_step = make_eval_step(graphdef)
-    writer = MetricsWriter(run_dir, resume_step=start)
+    row_loss = make_row_loss(graphdef)
+    writer = MetricsWriter(run_dir, resume_step=start) if main else None
     tokens_per_step = cfg.batch_size * cfg.seq_len
     fpt = flops_per_token(cfg, n_params - n_embed)
+    global_shape = (cfg.batch_size, cfg.seq_len)
 
-    def put(batch):
+    def put(local):
         return {
-            k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-            for k, v in batch.items()
+            k: jax.make_array_from_process_local_data(b_sh, np.asarray(v), global_shape)
+            for k, v in local.items()
         }
 
     def save(step: int, force: bool = False) -> None:
-        ckpt.save(
-            step,
-            params,
-            opt_state,
-            {"step": step, "iterator": data_it.get_state()},
-            force=force,
-        )
+        data_state = {"step": step, **data.get_state()}
+        ckpt.save(step, params, opt_state, data_state, force=force)
+
+    def write(rec: dict) -> None:
+        if writer is not None:
+            writer.write(rec)
 
     def evaluate(step: int) -> dict:
         if not eval_batches:
             return {}
-        res = heldout_metrics(eval_step, params, [put(b) for b in eval_batches], tokenizer)
-        writer.write({"step": step, **res})
+
+        def eval_global(p, batch):  # held-out batches are built whole on every host
+            return eval_step(p, put(data.local_slice(batch)))
+
+        res = heldout_metrics(eval_global, params, eval_batches, tokenizer)
+        write({"step": step, **res})
         return res
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "start_step": start, "losses": []}
     progress = None
-    if cfg.train.progress:
+    if cfg.train.progress and main:
         from tqdm import tqdm
 
         progress = tqdm(
             total=cfg.steps, initial=start, desc=cfg.run_name, unit="step", dynamic_ncols=True
         )
     say = progress.write if progress is not None else _log
+    if not main:
+        say = lambda msg: None  # noqa: E731
     skipped = 0
     step = start
     t_last, tok_last = time.perf_counter(), 0
@@ -218,24 +275,32 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
                 last_eval = evaluate(0)
                 say(f"step 0: heldout_bpb {last_eval['heldout_bpb']:.4f}")
             while step < cfg.steps:
-                batch = put(next(data_it))
+                local = next(data)
+                batch = put(local)
                 params, opt_state, m = train_step(params, opt_state, batch)
                 step += 1
                 loss = float(m["loss"])
                 if not bool(m["finite"]):
+                    which = _describe_nonfinite(
+                        row_loss, params, batch, local, data, tokenizer, step
+                    )
                     if cfg.train.on_nonfinite == "stop":
                         raise TrainingError(
                             f"non-finite loss at step {step} (loss={loss}, grad_norm="
-                            f"{float(m['grad_norm'])}); parameters were not updated and the "
-                            f"latest checkpoint (step {ckpt.latest_step()}) is intact. Lower "
-                            "optim.lr, or set train.on_nonfinite=skip to skip such steps"
+                            f"{float(m['grad_norm'])}); {which}; parameters were not updated "
+                            f"and the latest checkpoint (step {ckpt.latest_step()}) is intact. "
+                            "Lower optim.lr, or set train.on_nonfinite=skip to skip such steps"
                         )
                     skipped += 1
-                    _log(f"step {step}: non-finite loss, update skipped ({skipped} so far)")
+                    if main:
+                        _log(
+                            f"step {step}: non-finite loss, update skipped ({skipped} so far); "
+                            f"{which}"
+                        )
                     if skipped > cfg.train.max_skipped_steps:
                         raise TrainingError(
                             f"{skipped} non-finite steps (train.max_skipped_steps="
-                            f"{cfg.train.max_skipped_steps}); stopping"
+                            f"{cfg.train.max_skipped_steps}); stopping at step {step}; {which}"
                         )
                 summary["losses"].append(loss)
                 tok_last += tokens_per_step
@@ -258,7 +323,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
                         rec["aux_loss"] = float(m["aux_loss"])
                     if "mom_load" in m:  # MoM: fraction of routed slots per [layer][memory]
                         rec["mom_load"] = np.asarray(m["mom_load"]).round(6).tolist()
-                    writer.write(rec)
+                    write(rec)
                     if progress is not None:
                         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
                     t_last, tok_last = now, 0
@@ -274,22 +339,29 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
                 saved = step % cfg.train.checkpoint_every == 0 or step == cfg.steps
                 if saved:
                     save(step, force=True)
-                if stop.signal is not None or step == stop_at:
-                    name = "stop_at" if stop.signal is None else signal.Signals(stop.signal).name
+                # hosts agree on stopping (a signal reaches them at different steps)
+                signalled = distributed.any_process(stop.signal is not None)
+                if signalled or step == stop_at:
+                    if stop.signal is not None:
+                        name = signal.Signals(stop.signal).name
+                    else:
+                        name = "SIGTERM" if signalled else "stop_at"  # another host's signal
                     if not saved:  # a stop on a checkpoint step reuses that checkpoint
                         save(step, force=True)
                     ckpt.wait()
-                    _log(
-                        f"received {name}: saved checkpoint at step {step} in "
-                        f"{run_dir / 'checkpoints'}; rerun the same command to resume"
-                    )
+                    if main:
+                        _log(
+                            f"received {name}: saved checkpoint at step {step} in "
+                            f"{run_dir / 'checkpoints'}; rerun the same command to resume"
+                        )
                     summary["interrupted"] = name
                     break
     finally:
         if progress is not None:
             progress.close()
         ckpt.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     summary.update({"final_step": step, "skipped_steps": skipped, **last_eval, "params": n_params})
     return summary
 

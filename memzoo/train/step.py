@@ -19,6 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from memzoo.layers.partitioning import activation_sharding
 
 Array = jax.Array
 
@@ -58,15 +62,34 @@ def loss_with_aux(model: nnx.Module, batch: dict[str, Array]) -> tuple[Array, An
     return loss_sum, (count, extras)
 
 
-def make_train_step(graphdef: Any, tx: optax.GradientTransformation, grad_accum: int):
+def make_train_step(
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    grad_accum: int,
+    *,
+    mesh: Any = None,
+    rules: Any = None,
+    param_sharding: Any = None,
+    opt_sharding: Any = None,
+    batch_sharding: Any = None,
+    jit: bool = True,
+):
     """A jitted step. The global batch is split into ``grad_accum`` micro-batches whose summed
     gradients are normalised by the total token count, so accumulation equals one big batch.
     A non-finite loss or gradient leaves params and optimiser state untouched (``finite`` says
-    so); the host decides whether to stop or to skip."""
+    so); the host decides whether to stop or to skip (:func:`make_row_loss` then tells which
+    input rows were non-finite).
+
+    Sharding (``memzoo.train.sharding``): with ``mesh`` and ``rules`` (the config's
+    ``mesh.rules``) activations are constrained at block boundaries; with ``param_sharding``,
+    ``opt_sharding`` and ``batch_sharding`` the step is jitted with those in/out shardings
+    (metrics replicated). ``jit=False`` returns the plain step function, for callers that jit
+    (or ``.lower``) it themselves."""
 
     def summed_loss(params, batch):
         # lm_loss is looked up at trace time (inside loss_with_aux) so tests can substitute it.
-        return loss_with_aux(nnx.merge(graphdef, params), batch)
+        with activation_sharding(mesh, rules):
+            return loss_with_aux(nnx.merge(graphdef, params), batch)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
@@ -100,7 +123,33 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, grad_accum:
         metrics.update(extras)
         return keep(new_params, params), keep(new_opt, opt_state), metrics
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if not jit:
+        return step
+    if param_sharding is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        step,
+        in_shardings=(param_sharding, opt_sharding, batch_sharding),
+        out_shardings=(param_sharding, opt_sharding, replicated),
+        donate_argnums=(0, 1),
+    )
+
+
+def make_row_loss(graphdef: Any):
+    """Jitted summed training NLL of each batch row on its own, ``[B]`` (``lm_loss`` per row),
+    used only after a non-finite step, to name the offending input rows."""
+
+    @jax.jit
+    def row_loss(params, batch):
+        model = nnx.merge(graphdef, params)
+
+        def one(row):
+            return lm_loss(model, jax.tree.map(lambda x: x[None], row))[0]
+
+        return jax.vmap(one)(batch)
+
+    return row_loss
 
 
 def make_eval_step(graphdef: Any):

@@ -1,4 +1,5 @@
-"""Shared pieces of the regime-C gradient-memory kernels (linear memory): the XLA set-up around
+"""Shared pieces of the regime-C gradient-memory kernels (linear and two-layer MLP memories): the
+XLA set-up around
 the kernels, the value-level chunk math (forward and hand-written backward) used inside both
 the Mosaic TPU and the Triton kernel bodies, and the ``jax.custom_vjp`` that ties a backend's
 forward and backward ``pallas_call``s together.
@@ -31,12 +32,34 @@ chunk flag) plus Gc [B,H,n,C,C] fp32 (about C floats per token and head); their 
 come back from the backward kernel and XLA differentiates the precomputation, which gives the
 gradients of eta, mu, log_a and gamma.
 
+The two-layer MLP memory (Sun et al. 2024 TTT-MLP; Titans' LMM with L_M = 2, Behrouz, Zhong,
+Mirrokni 2025 eq. 12), M(z) = [z +] [LN](act(z W0) W1) exactly as ``MemoryArch.apply`` (LN
+without affine, eps 1e-6; the residual adds z's first dv features). The anchor pass at
+W(t') = (W0, W1) over the chunk's keys gives per layer the inputs x and output errors delta:
+
+    h_j = k_j W0,  x1_j = act(h_j),  o_j = x1_j W1,  pred_j = [k_j +] [LN](o_j)
+    delta1_j = LN'(o_j)^T d_j,  delta0_j = (delta1_j W1^T) o act'(h_j),  d_j = dl/dpred_j
+
+so d l_j / d W_i = x_i,j delta_i,j^T (x0 = k) and every matmul of the read through the
+per-token weights W_i,t is evaluated in the dual form, never materialising them:
+
+    z_t W_i,t = (z_t bb_t) W_i(t') - (z_t f_t) Z_i(t') + (z_t rb_t) W0_i
+                - sum_j Gc[t, j] (z_t . x_i,j) delta_i,j
+
+(layer 0 with z = q, layer 1 with z = act(layer 0's output)); the chunk-end states follow the
+linear formulas per layer. The hidden layer and the layer norm mix all value columns, so the
+MLP kernels run dv in one block. Their chunk backward is ``jax.vjp`` of the value-level chunk
+forward, traced inside the backward kernel body (plain jnp ops, which lower for Mosaic and
+Triton); the sweep around it (recomputed chunk-start states, reverse carry of dW / dZ) is the
+linear kernels'.
+
 Only jax is used here (never flax).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +77,9 @@ BB, F, RB, FS, DL, GE, NE, PE, LAST = range(9)
 NS = 9
 COLS = {"bb": BB, "f": F, "rb": RB, "fs": FS, "dl": DL, "ge": GE, "ne": NE}
 HIGHEST = lax.Precision.HIGHEST
+ACT_NAMES = ("gelu", "silu", "relu")
+GELU_C = math.sqrt(2.0 / math.pi)
+LN_EPS = 1e-6  # MemoryArch.apply's layer norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +96,11 @@ class Config:
     dk: int
     dv: int
     bv: int  # dv block
+    arch: str = "linear"  # "linear" | "mlp" (two layers)
+    dh: int = 0  # hidden width of the mlp memory
+    activation: str = "gelu"
+    residual: bool = False
+    layer_norm: bool = False
 
     @property
     def nv(self) -> int:
@@ -87,9 +118,14 @@ def unsupported(
     """The reason a linear-memory kernel cannot run the call (None when it can)."""
     if not isinstance(spec, GradientMemorySpec):
         return "spec is not a GradientMemorySpec"
-    if spec.arch.kind != "linear":
-        return f"memory arch {spec.arch.kind!r} (the kernels cover the linear memory)"
-    if spec.arch.residual or spec.arch.layer_norm:
+    arch = spec.arch
+    if arch.kind == "gated_mlp":
+        return "memory arch 'gated_mlp' (the kernels cover the linear and 2-layer mlp memories)"
+    if arch.kind == "mlp" and arch.depth != 2:
+        return f"an mlp memory of depth {arch.depth} (the kernels cover depth 2)"
+    if arch.kind == "mlp" and arch.activation not in ACT_NAMES:
+        return f"mlp activation {arch.activation!r}"
+    if arch.kind == "linear" and (arch.residual or arch.layer_norm):
         return "a residual / layer-normalised linear memory"
     if spec.normalizer != "none":
         return f"normalizer {spec.normalizer!r}"
@@ -292,6 +328,141 @@ def scalar_cotangent(cols, ends, last_row, lane_onehot):
 
 
 # --------------------------------------------------------------------------------------------
+# The two-layer MLP memory (TTT-MLP, Titans LMM with L_M = 2): value-level chunk math
+# --------------------------------------------------------------------------------------------
+
+
+def act_fwd(name: str, h):
+    """(act(h), act'(h)) elementwise; gelu is jax.nn.gelu's tanh form (its default)."""
+    if name == "gelu":
+        c = GELU_C
+        t = jnp.tanh(c * (h + 0.044715 * h * h * h))
+        der = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * h * h)
+        return 0.5 * h * (1.0 + t), der
+    if name == "silu":
+        s = 1.0 / (1.0 + jnp.exp(-h))
+        return h * s, s * (1.0 + h * (1.0 - s))
+    pos = (h > 0).astype(h.dtype)  # relu
+    return h * pos, pos
+
+
+def layer_norm(o):
+    """LN without affine over the value dim (as ``MemoryArch.apply``): (xhat, 1/std)."""
+    mean = jnp.mean(o, axis=1, keepdims=True)
+    xc = o - mean
+    rstd = lax.rsqrt(jnp.mean(xc * xc, axis=1, keepdims=True) + LN_EPS)
+    return xc * rstd, rstd
+
+
+def layer_norm_vjp(xhat, rstd, g):
+    """d/do of sum(g * LN(o)) = rstd (g - mean(g) - xhat mean(g xhat))."""
+    mg = jnp.mean(g, axis=1, keepdims=True)
+    mgx = jnp.mean(g * xhat, axis=1, keepdims=True)
+    return rstd * (g - mg - xhat * mgx)
+
+
+def _mlp_out(cfg: Config, ops: Ops, z, o):
+    """The memory's output from the second layer's pre-output o: z[:, :dv] + LN(o)."""
+    out = layer_norm(o)[0] if cfg.layer_norm else o
+    if cfg.residual:
+        if cfg.dk == cfg.dv:
+            out = out + z
+        else:  # the leading dv features of z, as a matmul with a [dk, dv] selection
+            rows = lax.broadcasted_iota(jnp.int32, (cfg.dk, cfg.dv), 0)
+            sel = (rows == lax.broadcasted_iota(jnp.int32, (cfg.dk, cfg.dv), 1)).astype(f32)
+            out = out + ops.dot(z, sel)
+    return out
+
+
+def mlp_anchor(cfg: Config, ops: Ops, kf, vf, dl, W):
+    """One forward / backward of the memory at weights W = (W0 [dk,dh], W1 [dh,dv]) over the
+    chunk's keys: the second layer's inputs x1 = act(k W0) [C,dh] and the output errors of both
+    layers, delta0 [C,dh] and delta1 [C,dv] (d l_j / d W_i = x_i,j delta_i,j^T, x0 = k)."""
+    h = ops.dot(kf, W[0])
+    a, da = act_fwd(cfg.activation, h)
+    o = ops.dot(a, W[1])
+    if cfg.layer_norm:
+        xhat, rstd = layer_norm(o)
+    d = loss_error(cfg, _mlp_out(cfg, ops, kf, o), vf, dl)
+    d1 = layer_norm_vjp(xhat, rstd, d) if cfg.layer_norm else d
+    return a, ops.dot_nt(d1, W[1]) * da, d1
+
+
+def mlp_chunk_forward(cfg: Config, ops: Ops, q, k, v, col, sca, gc, S, Z, anc, T0, want_y=True):
+    """One chunk of the two-layer memory. q, k [C,dk], v [C,dv]; col / sca / gc as in
+    :func:`chunk_forward`; S, Z, anc, T0: (W0 [dk,dh], W1 [dh,dv]) fp32 tuples (Z / T0 None
+    when unused). Every matmul z @ W_t of the read is the dual form
+
+        z W_t = (z o bb) W(t') - (z o f) Z(t') + (z o rb) W0 - ((z X^T) o Gc) Delta
+
+    with the layer's inputs X and output errors Delta from the anchor pass. Returns (y [C,dv]
+    fp32 or None, S_end tuple, Z_end tuple or None)."""
+    qf, kf, vf = q.astype(f32), k.astype(f32), v.astype(f32)
+    x1, d0, d1 = mlp_anchor(cfg, ops, kf, vf, col.get("dl"), anc)
+    if cfg.seg:  # tokens of a document that starts inside the chunk: gradients at W0
+        sel = col["fs"] > 0
+        x1b, d0b, d1b = mlp_anchor(cfg, ops, kf, vf, col.get("dl"), T0)
+        x1, d0, d1 = jnp.where(sel, x1, x1b), jnp.where(sel, d0, d0b), jnp.where(sel, d1, d1b)
+    xs, ds = (kf, x1), (d0, d1)
+
+    def mm(i, z):
+        out = ops.dot(z * col["bb"], S[i]) - ops.dot(ops.dot_nt(z, xs[i]) * gc, ds[i])
+        if cfg.momentum:
+            out = out - ops.dot(z * col["f"], Z[i])
+        if cfg.seg:
+            out = out + ops.dot(z * col["rb"], T0[i])
+        return out
+
+    y = None
+    if want_y:
+        a = act_fwd(cfg.activation, mm(0, qf))[0]
+        y = _mlp_out(cfg, ops, qf, mm(1, a))
+    S_end, Z_end = [], []
+    for i in range(2):
+        s1 = sca["bb"] * S[i] - ops.dot_tn(xs[i] * col["ge"], ds[i])
+        if cfg.seg:
+            s1 = s1 + sca["rb"] * T0[i]
+        if cfg.momentum:
+            s1 = s1 - sca["f"] * Z[i]
+            Z_end.append(sca["pe"] * Z[i] + ops.dot_tn(xs[i] * col["ne"], ds[i]))
+        S_end.append(s1)
+    return y, tuple(S_end), (tuple(Z_end) if cfg.momentum else None)
+
+
+def mlp_chunk_backward(cfg: Config, ops: Ops, q, k, v, col, sca, gc, S, Z, anc, T0, dy, dS1, dZ1):
+    """Cotangents of :func:`mlp_chunk_forward` (``jax.vjp`` of it, traced inside the kernel
+    body: plain jnp, so it lowers like the forward). Same keys as :func:`chunk_backward`, with
+    tuples for the weights."""
+    fs = col["fs"]
+    cols = {nm: c for nm, c in col.items() if nm != "fs"}
+
+    def f(q, k, v, cols, sca, gc, S, Z, anc, T0):
+        y, S1, Z1 = mlp_chunk_forward(cfg, ops, q, k, v, dict(cols, fs=fs), sca, gc, S, Z, anc, T0)
+        return y, S1, Z1
+
+    prim = (q.astype(f32), k.astype(f32), v.astype(f32), cols, sca, gc, S, Z, anc, T0)
+    _, vjp = jax.vjp(f, *prim)
+    dZ1 = tuple(dZ1) if cfg.momentum else None
+    dq, dk, dv, dcols, dsca, dgc, dS, dZ, danc, dT0 = vjp((dy.astype(f32), tuple(dS1), dZ1))
+    return {
+        "dq": dq,
+        "dk": dk,
+        "dv": dv,
+        "dgc": dgc,
+        "dS": dS,
+        "dZ": dZ,
+        "danc": danc,
+        "dT0": dT0,
+        "cols": dcols,
+        "ends": dsca,
+    }
+
+
+def mlp_shapes(cfg: Config) -> tuple[tuple[int, int], tuple[int, int]]:
+    return (cfg.dk, cfg.dh), (cfg.dh, cfg.dv)
+
+
+# --------------------------------------------------------------------------------------------
 # Pure-jnp versions of the two kernel calls (same contract), to test the chunk math alone
 # --------------------------------------------------------------------------------------------
 
@@ -392,9 +563,11 @@ def prepare(
     C = chunk_size
     momentum = mu is not None
     seg = segment_ids is not None
+    arch = spec.arch
+    names = sorted(arch.shapes(dk, dv))  # ("W",) or ("W0", "W1")
     if params is None:
         params = {"W": jnp.zeros((H, dk, dv), f32)}
-    params = {"W": params["W"].astype(f32)}
+    params = {nm: params[nm].astype(f32) for nm in names}
     resets = segment_resets(segment_ids, B, T)
     docs = jnp.cumsum(resets.astype(jnp.int32), 1)
     xs = {
@@ -454,13 +627,21 @@ def prepare(
     slots = [bb, ff, rb, fsf, dl, gc[..., -1, :], ne, pe, last[:, None, :, None]]
     sc = jnp.stack([jnp.broadcast_to(s, (B, H, n, C)) for s in slots], -1)
 
-    t0 = jnp.broadcast_to(params["W"], (B, H, dk, dv))
+    t0 = {nm: jnp.broadcast_to(w, (B,) + w.shape[-3:]) for nm, w in params.items()}
     st0 = initial_state
     if st0 is None:
         st0 = init_state(spec, params, B, momentum=momentum, dk=dk, dv=dv)
-    A0 = st0["A"]["W"].astype(f32)
-    anc0 = jnp.where((r == 0)[:, None, None, None], A0, st0["anchor"]["W"].astype(f32))
-    Z0 = st0["Z"]["W"].astype(f32) if momentum else None
+    at0 = (r == 0)[:, None, None, None]
+    A0 = tuple(st0["A"][nm].astype(f32) for nm in names)
+    anc0 = tuple(
+        jnp.where(at0, a, st0["anchor"][nm].astype(f32)) for nm, a in zip(names, A0, strict=True)
+    )
+    Z0 = tuple(st0["Z"][nm].astype(f32) for nm in names) if momentum else None
+    T0 = tuple(t0[nm] for nm in names) if seg else None
+    if arch.kind == "linear":  # the linear kernels take single arrays
+        A0, anc0 = A0[0], anc0[0]
+        Z0 = None if Z0 is None else Z0[0]
+        T0 = None if T0 is None else T0[0]
     cfg = Config(
         loss=spec.loss,
         lp_p=float(spec.lp_p),
@@ -472,10 +653,15 @@ def prepare(
         dk=dk,
         dv=dv,
         bv=dv if block_v is None else block_v,
+        arch=arch.kind,
+        dh=arch.hidden(dv) if arch.kind == "mlp" else 0,
+        activation=arch.activation,
+        residual=arch.residual,
+        layer_norm=arch.layer_norm,
     )
-    args = (proper(lay["q"]), proper(lay["k"]), proper(lay["v"]), sc, gc, A0, anc0, Z0)
-    args = args + (t0 if seg else None,)
-    meta = {"r": r, "T": T, "L": L, "t0": t0, "fs_last": jnp.sum(fsf[:, 0, :, -1] * last, -1)}
+    args = (proper(lay["q"]), proper(lay["k"]), proper(lay["v"]), sc, gc, A0, anc0, Z0, T0)
+    fs_last = jnp.sum(fsf[:, 0, :, -1] * last, -1)
+    meta = {"r": r, "T": T, "L": L, "t0": t0, "fs_last": fs_last, "names": names}
     return cfg, args, meta
 
 
@@ -483,14 +669,20 @@ def finish(cfg: Config, outs, meta, v_dtype):
     """Kernel outputs -> (y [B,T,H,dv] in v's dtype, the state dict of impl="xla")."""
     y, A, ao, Z = outs
     B, H = y.shape[:2]
-    r, T = meta["r"], meta["T"]
+    r, T, names = meta["r"], meta["T"], meta["names"]
     y = jnp.moveaxis(y, 1, 3).reshape(B, meta["L"], H, cfg.dv)
     y = jnp.take_along_axis(y, (jnp.arange(T)[None] + r[:, None])[..., None, None], axis=1)
+
+    def named(x):  # an array (linear) or a tuple of arrays in ``names`` order -> dict
+        return dict(zip(names, (x,) if cfg.arch == "linear" else x, strict=True))
+
+    A, ao = named(A), named(ao)
     if cfg.seg:  # a document that started inside the last chunk anchors at the reset weights
-        ao = jnp.where(meta["fs_last"][:, None, None, None] > 0, ao, meta["t0"])
-    state = {"A": {"W": A}, "anchor": {"W": ao}, "pos": (r + T) % cfg.C}
+        in_doc = meta["fs_last"][:, None, None, None] > 0
+        ao = {nm: jnp.where(in_doc, a, meta["t0"][nm]) for nm, a in ao.items()}
+    state = {"A": A, "anchor": ao, "pos": (r + T) % cfg.C}
     if cfg.momentum:
-        state["Z"] = {"W": Z}
+        state["Z"] = named(Z)
     return y.astype(v_dtype), state
 
 
@@ -560,4 +752,29 @@ def cost(cfg: Config, B: int, H: int, itemsize: int, backward: bool) -> tuple[in
     return int(flops), int(nbytes)
 
 
-__all__ = ["Config", "chunk_backward", "chunk_forward", "make_core", "prepare", "unsupported"]
+def cost_mlp(cfg: Config, B: int, H: int, itemsize: int, backward: bool) -> tuple[int, int]:
+    """(flops, bytes) of the two-layer memory's forward (or backward) kernel."""
+    C, n, dk, dv, dh = cfg.C, cfg.n, cfg.dk, cfg.dv, cfg.dh
+    w = dk * dh + dh * dv
+    anchor = 2 * C * (w + dh * dv) * (1 + cfg.seg)
+    read = 2 * C * w * (1 + cfg.momentum + cfg.seg) + 2 * C * C * (dk + 2 * dh + dv)
+    end = 2 * C * w * (1 + cfg.momentum)
+    flops = B * H * n * (anchor + read + end) * (3 if backward else 1)
+    tok = B * H * n * C
+    nbytes = tok * (2 * dk + 2 * dv) * itemsize + tok * (NS + C) * 4
+    nbytes += B * H * w * 4 * (4 + 2 * cfg.momentum + cfg.seg)
+    if backward:
+        nbytes = 2 * nbytes + B * H * n * w * 4 * (1 + cfg.momentum)
+    return int(flops), int(nbytes)
+
+
+__all__ = [
+    "Config",
+    "chunk_backward",
+    "chunk_forward",
+    "make_core",
+    "mlp_chunk_backward",
+    "mlp_chunk_forward",
+    "prepare",
+    "unsupported",
+]

@@ -8,6 +8,8 @@ Modeling", NeurIPS 2023.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -99,6 +101,8 @@ def hgrn(
     chunk_size: int = 64,
     scale: float | None = None,
     impl: str = "auto",
+    interpret: Any = False,
+    block_v: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """HGRN gen-1 recurrence over a sequence.
 
@@ -133,6 +137,8 @@ def hgrn(
             chunk_size=chunk_size,
             scale=scale,
         ),
+        interpret=interpret,
+        block_v=block_v,
     )
     if callable(which):
         return which()

@@ -1,6 +1,8 @@
 """The LM: prefill + token-by-token decode equals one full forward, for a pure model of every
 registered memory, a hybrid with attention and a pure Transformer; generation; errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,3 +124,31 @@ def test_errors_are_clear():
         model(jnp.zeros((5,), jnp.int32))
     with pytest.raises(ValueError, match="prompt must be int"):
         generate(model, jnp.zeros((1, 0), jnp.int32), 3)
+
+
+@pytest.mark.parametrize("memory", ["gated_deltanet", "titans_mac"])
+def test_remat_gives_the_same_loss_and_gradients(memory):
+    over = [f"model={memory}", "model.d_model=32", "model.n_layers=2", "model.vocab_size=264"]
+    toks = jnp.arange(2 * 40).reshape(2, 40) % 200
+
+    def loss(m):
+        logits, _ = m(toks)
+        return jnp.mean(logits**2)
+
+    def merged_loss(graphdef, state):
+        return loss(nnx.merge(graphdef, state))
+
+    res = []
+    for remat in (False, True):
+        cfg = load_config("configs/train/quickstart.yaml", [*over, f"model.remat={remat}"])
+        model = build_model(cfg.model)
+        jaxpr = str(
+            jax.make_jaxpr(functools.partial(merged_loss, nnx.graphdef(model)))(nnx.state(model))
+        )
+        n_remat = jaxpr.count("checkpoint[") + jaxpr.count("remat")
+        val, grads = nnx.value_and_grad(loss)(model)
+        res.append((val, jax.tree.leaves(nnx.state(grads)), n_remat))
+    assert res[1][2] >= res[0][2] + 2  # one more checkpoint per block
+    assert float(res[0][0]) == pytest.approx(float(res[1][0]), rel=1e-6)
+    for a, b in zip(res[0][1], res[1][1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -21,6 +21,7 @@ TINY = [
     "steps=4",
     "batch_size=4",
     "seq_len=32",
+    "data.mqar_passes=1",
     "model.n_layers=1",
     "model.attn_heads=2",
     "optim.warmup_steps=1",

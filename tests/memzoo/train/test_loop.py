@@ -32,6 +32,7 @@ from tiny_runs import QUICKSTART, TINY_DATA, TINY_HYBRID
 
 import memzoo
 import memzoo.train.step as step_mod
+from memzoo.cli import EXIT_SIGTERM
 from memzoo.config import config_from_dict, load_config
 from memzoo.data import build_tokenizer, heldout_batches
 from memzoo.evaluate import heldout_metrics
@@ -42,6 +43,7 @@ from memzoo.train.metrics import read_metrics
 from memzoo.train.step import make_eval_step
 
 STEPS = 15
+WORKERS = str(Path(__file__).resolve().parents[2] / "support" / "train_workers.py")
 TINY = [
     *TINY_HYBRID,
     *TINY_DATA,
@@ -213,7 +215,7 @@ def test_interrupted_checkpoint_is_ignored(base_run, tmp_path):
     assert latest_step(run_dir) == STEPS
 
 
-def test_sigterm_checkpoints_and_resumes(tmp_path, compile_cache):
+def test_sigterm_checkpoints_exits_143_and_resumes_exactly(base_run, tmp_path, compile_cache):
     args = [*TINY, f"output_dir={tmp_path}", "steps=100000", "train.checkpoint_every=1000000"]
     env = {
         **os.environ,
@@ -246,7 +248,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, compile_cache):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == EXIT_SIGTERM == 143, err[-3000:]  # distinct: saved, resumable
     assert "Traceback" not in err
     m = re.search(r"received SIGTERM: saved checkpoint at step (\d+)", err)
     assert m, err[-3000:]
@@ -255,11 +257,15 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, compile_cache):
     assert latest_step(tmp_path / "quickstart") == stopped
     logged = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     assert max(r["step"] for r in logged) == stopped
+    before = [r["loss"] for r in logged if "loss" in r]
 
-    # rerunning the same run resumes from the signal's checkpoint
-    summary = train(make_cfg(tmp_path, steps=stopped))
+    # rerunning the same run resumes from the signal's checkpoint, and the losses of the
+    # interrupted + resumed run equal the uninterrupted base run's, step for step, exactly
+    _, base = base_run
+    summary = train(make_cfg(tmp_path, steps=max(stopped, STEPS)))
     assert summary["start_step"] == stopped > 0
-    assert summary["final_step"] == stopped and summary["losses"] == []
+    assert summary["final_step"] == max(stopped, STEPS)
+    assert (before + summary["losses"])[:STEPS] == base["losses"]
 
 
 # ----------------------------------------------------------------------------- non-finite
@@ -274,6 +280,10 @@ def test_nonfinite_stop_raises_and_keeps_checkpoint(base_run, tmp_path, monkeypa
     with pytest.raises(TrainingError, match="non-finite loss at step 16") as exc:
         train(make_cfg(tmp_path, steps=NAN_STEPS))
     assert f"latest checkpoint (step {STEPS}) is intact" in str(exc.value)
+    assert (
+        "input: batch 15 of the data stream (0-based; the batch of step 16), rows [0, 1, 2, 3]"
+        in str(exc.value)
+    )
     monkeypatch.undo()
 
     run_dir = tmp_path / cfg.run_name
@@ -310,6 +320,99 @@ def test_nonfinite_skip_completes_without_updates(base_run, tmp_path, monkeypatc
     for a, b in zip(leaves(after), leaves(before), strict=True):
         assert np.all(np.isfinite(a))
         np.testing.assert_array_equal(a, b)  # skipped steps never update parameters
+
+
+def test_nonfinite_names_the_offending_row(base_run, tmp_path, monkeypatch, capsys):
+    """A NaN caused by one row of step 16's batch: the skip message names that row (and its
+    documents and text), not the others."""
+    import orbax.checkpoint as ocp
+
+    from memzoo.data import make_train_iterator
+
+    cfg, _ = base_run
+    copy_run(cfg.run_dir, tmp_path)
+    ckpt = Checkpointer(cfg.run_dir / "checkpoints")
+    try:
+        state = ckpt.manager.restore(STEPS, args=ocp.args.Composite(data=ocp.args.JsonRestore()))[
+            "data"
+        ]["iterator"]
+    finally:
+        ckpt.close()
+    it = make_train_iterator(
+        cfg.data,
+        build_tokenizer(cfg.data),
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        seed=cfg.seed,
+    )
+    it.set_state(state)
+    inputs = next(it)["inputs"]  # the batch of step 16
+    others = set(inputs[[0, 1, 3]].ravel().tolist())
+    token = next(int(t) for t in inputs[2] if int(t) not in others)
+
+    orig = step_mod.lm_loss
+
+    def poisoned(model, batch):
+        s, n = orig(model, batch)
+        return s + jnp.where(jnp.any(batch["inputs"] == token), jnp.nan, 0.0), n
+
+    monkeypatch.setattr(step_mod, "lm_loss", poisoned)
+    summary = train(make_cfg(tmp_path, "train.on_nonfinite=skip", steps=STEPS + 1))
+    monkeypatch.undo()
+    assert summary["skipped_steps"] == 1
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "non-finite loss, update skipped" in x)
+    assert line.startswith(f"step {STEPS + 1}: ")
+    assert "rows [2] of 4: row 2 (documents [" in line
+    assert "starts " in line
+
+
+def test_sigkill_during_checkpoint_write_keeps_previous_latest(tmp_path):
+    """SIGKILL while the step-4 checkpoint is being written (hooked to hang just before
+    orbax's atomic commit): step 2 stays the latest, and the rerun resumes from it with the
+    same losses the killed run logged."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(WORKERS).parent)}
+    proc = subprocess.Popen(
+        [sys.executable, WORKERS, "slow_save", str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    marker = tmp_path / "WRITING"
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the checkpoint write never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    run_dir = tmp_path / "quickstart"
+    assert Path(marker.read_text()).name == "4"  # it was committing step 4
+    assert latest_step(run_dir) == 2
+    leftovers = [p.name for p in (run_dir / "checkpoints").iterdir()]
+    assert "4" not in leftovers and "2" in leftovers
+    logged = {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+    assert {3, 4} <= set(logged)
+
+    sys.path.insert(0, str(Path(WORKERS).parent))
+    from train_workers import BASE
+
+    summary = train(
+        load_config(
+            QUICKSTART,
+            [*BASE, f"output_dir={tmp_path}", "steps=4", "train.checkpoint_every=2"],
+        )
+    )
+    assert summary["start_step"] == 2 and summary["final_step"] == 4
+    assert summary["losses"] == [logged[3], logged[4]]
+    assert latest_step(run_dir) == 4
 
 
 # ----------------------------------------------------------------------------- variants

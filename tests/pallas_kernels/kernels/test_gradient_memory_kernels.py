@@ -337,9 +337,9 @@ def _supports_kw(spec, x, **over):
 def test_supports_reasons():
     x = make_inputs(t=8)
     args = (x["q"], x["k"], x["v"], x["eta"])
-    mlp = MemoryArch("mlp", depth=2)
-    cases = {
-        "arch 'mlp'": GradientMemorySpec(arch=mlp),
+    cases = {  # (the 2-layer mlp memory has its own kernels: test_gradient_memory_mlp_kernels)
+        "arch 'gated_mlp'": GradientMemorySpec(arch=MemoryArch("gated_mlp")),
+        "depth 3": GradientMemorySpec(arch=MemoryArch("mlp", depth=3)),
         "normalizer 'lq'": GradientMemorySpec(normalizer="lq"),
         "Muon": GradientMemorySpec(muon=True),
         "window 3": GradientMemorySpec(window=3),
