@@ -367,6 +367,7 @@ def test_nonfinite_names_the_offending_row(base_run, tmp_path, monkeypatch, caps
     assert "starts " in line
 
 
+@pytest.mark.slow  # subprocesses; CI runs it in `make test-full`
 def test_sigkill_during_checkpoint_write_keeps_previous_latest(tmp_path):
     """SIGKILL while the step-4 checkpoint is being written (hooked to hang just before
     orbax's atomic commit): step 2 stays the latest, and the rerun resumes from it with the

@@ -195,6 +195,7 @@ def one_device(tmp_path_factory):
     return train(load_config(QUICKSTART, [*BASE, f"output_dir={out}", "steps=3"]))["losses"]
 
 
+@pytest.mark.slow  # subprocesses; CI runs it in `make test-full`
 def test_meshes_match_one_device(eight_devices, one_device):
     assert len(one_device) == 3
     for name in ("data", "fsdp", "tensor", "mixed"):
@@ -218,6 +219,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow  # subprocesses; CI runs it in `make test-full`
 def test_parameters_and_moments_are_sharded_as_the_rules_say(eight_devices):
     """Restored from the final checkpoint into the sharded templates: each leaf's spec is the
     rules' and each device holds the shard the mesh implies (Adam's mu like its parameter)."""
@@ -271,6 +273,7 @@ def _finish(procs, timeout=300) -> list[tuple[int, str, str]]:
     return res
 
 
+@pytest.mark.slow  # subprocesses; CI runs it in `make test-full`
 def test_two_processes_checkpoint_resume_and_match_one_process(tmp_path, eight_devices):
     first = _finish(_hosts(tmp_path, 2, "steps=4"))
     for rc, _, err in first:
@@ -293,6 +296,7 @@ def test_two_processes_checkpoint_resume_and_match_one_process(tmp_path, eight_d
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # subprocesses; CI runs it in `make test-full`
 def test_a_dead_process_stops_the_other(tmp_path):
     procs = _hosts(tmp_path, 0, "steps=100000", "distributed.heartbeat_timeout=5")
     metrics = tmp_path / "quickstart" / "metrics.jsonl"
