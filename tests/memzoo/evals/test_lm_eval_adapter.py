@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from memzoo.evals.lm_eval_adapter import MemzooLM
 from memzoo.generate import generate
@@ -20,8 +21,14 @@ def lm(tiny_run):
     return MemzooLM(tiny_run, max_length=24)
 
 
+@jax.jit
+def _logits(state, graphdef, tokens):
+    return nnx.merge(graphdef, state)(tokens)[0]
+
+
 def manual_logprobs(lm, ids):
-    logits, _ = lm.model(np.asarray([ids[:-1]], np.int32))
+    graphdef, state = nnx.split(lm.model)
+    logits = _logits(state, graphdef, np.asarray([ids[:-1]], np.int32))
     lp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
     return lp[np.arange(len(ids) - 1), ids[1:]], lp.argmax(-1)
 

@@ -103,7 +103,9 @@ def _case(name):
     return args, s0, seg, TOL[dtype]
 
 
-@pytest.mark.parametrize("name", ["f32_decay_packed", "bf16_plain"])
+@pytest.mark.parametrize(
+    "name", ["f32_decay_packed", pytest.param("bf16_plain", marks=pytest.mark.slow)]
+)
 def test_tpu_interpret_matches_xla(name):
     args, s0, seg, tol = _case(name)
     _compare(name, "pallas_tpu", args, s0, seg, chunk=16, tol=tol)
@@ -115,6 +117,7 @@ def test_gpu_interpret_matches_xla(name):
     _compare(name, "pallas_gpu", args, s0, seg, chunk=16, tol=tol)
 
 
+@pytest.mark.slow
 def test_gpu_interpret_dv_blocks_odd_length():
     # two dv blocks of 16 (partial dq / dk / deta / dG summed over blocks), T = 29
     args, s0, seg, tol = _case("f32_plain_packed")
@@ -153,7 +156,7 @@ def test_kernel_matches_scan_forward():
     assert rel(y, y_ref) < 1e-4 and rel(s, s_ref) < 1e-4
 
 
-@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["pallas_tpu", pytest.param("pallas_gpu", marks=pytest.mark.slow)])
 def test_repeated_keys_match_scan(impl):
     """Keys repeating inside a 64-token chunk (2 distinct unit keys, eta = 0.99): powers of
     A grow like binomial(63, i), so a doubling product over the whole chunk cancels
@@ -252,9 +255,16 @@ def _fns(impl, chunk=64):
     return fwd, bwd
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+EXPORTS = [  # the default tier lowers one combination per backend; the slow tier all eight
+    pytest.param(p, d, t, id=f"{p}-{d}-{n}", marks=() if (p, d, n) in DEFAULT else pytest.mark.slow)
+    for DEFAULT in [{("tpu", 64, "bf16"), ("cuda", 128, "f32")}]
+    for p in ("tpu", "cuda")
+    for d in (64, 128)
+    for t, n in ((jnp.bfloat16, "bf16"), (jnp.float32, "f32"))
+]
+
+
+@pytest.mark.parametrize("platform,d,dtype", EXPORTS)
 def test_export(platform, d, dtype):
     impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
     marker = "tpu_custom_call" if platform == "tpu" else "triton"

@@ -83,11 +83,9 @@ def check_against_xla(impl, mode, dtype=jnp.float32, seg=True, with_s0=True, t=T
 # Interpret-mode numerics
 # --------------------------------------------------------------------------------------------
 
-DEFAULT_CASES = [
+DEFAULT_CASES = [  # the rest of the matrix is test_matches_xla_full (slow tier)
     ("pallas_tpu", "channel", jnp.float32, True, True),
     ("pallas_gpu", "channel", jnp.float32, True, True),
-    ("pallas_tpu", "scalar", jnp.float32, True, True),
-    ("pallas_gpu", "none", jnp.float32, False, False),
     ("pallas_gpu", "scalar", jnp.bfloat16, True, True),
 ]
 

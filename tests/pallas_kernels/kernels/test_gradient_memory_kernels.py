@@ -278,8 +278,15 @@ def _export_check(platform, d, dtype, loss):
         assert text.count(marker) >= calls  # fwd: 1 kernel; bwd: fwd + states + reverse sweep
 
 
-@pytest.mark.parametrize("platform", ["tpu", "cuda"])
-@pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.float32)])
+@pytest.mark.parametrize(
+    "platform,d,dtype",
+    [
+        ("tpu", 64, jnp.bfloat16),
+        ("cuda", 128, jnp.float32),
+        pytest.param("cuda", 64, jnp.bfloat16, marks=pytest.mark.slow),
+        pytest.param("tpu", 128, jnp.float32, marks=pytest.mark.slow),
+    ],
+)
 def test_export(platform, d, dtype):
     _export_check(platform, d, dtype, "l2")
 
