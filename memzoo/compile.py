@@ -21,9 +21,10 @@ by the TPU compiler. The report holds:
 
 ``model.impl``: compile uses ``impl="xla"`` (the chunked XLA ops) unless the config or the
 command line sets ``model.impl``. With ``auto`` the choice follows ``jax.default_backend()``,
-which is "cpu" on this host, so ``auto`` already means xla here; on a TPU host it would pick the
-Pallas kernels, which on a multi-device mesh must run inside ``shard_map`` (not wired into the
-model yet). Fixing xla makes the compile the same on any host and equal to what trains today.
+which is "cpu" on this host, so ``auto`` already means xla here; on a TPU host it picks the
+Pallas kernels (inside ``shard_map`` on a multi-device mesh, ``memzoo.layers.partitioning.
+kernel_op``). Fixing xla makes the compile the same on any host; ``model.impl=pallas_tpu``
+compiles the kernels into the step instead.
 """
 
 from __future__ import annotations
@@ -527,8 +528,8 @@ def run(
     if not _impl_set_by_user(config, overrides):
         cfg.model.impl = "xla"
         note = (
-            "model.impl=xla (compile's default: the chunked XLA ops, what trains on any mesh "
-            "today; Pallas kernels on a multi-device mesh need shard_map)"
+            "model.impl=xla (compile's default: the chunked XLA ops, the same on any host; "
+            "model.impl=pallas_tpu compiles the Pallas kernels instead)"
         )
     elif cfg.model.impl == "auto":
         note = "model.impl=auto resolves to xla on this CPU host (jax.default_backend()='cpu')"
