@@ -79,12 +79,18 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+# how a model runs, not what it computes: a resumed run may change these
+EXECUTION_KEYS = ("impl", "kernel_block_v", "kernel_interpret", "remat")
+
+
 def _check_resume_compatible(cfg: Config, saved_path: Path) -> None:
     with open(saved_path) as f:
         saved = yaml.safe_load(f) or {}
     now = cfg.to_dict()
-    if saved.get("model") != now["model"]:
-        diff = [k for k, v in now["model"].items() if saved.get("model", {}).get(k) != v]
+    defaults = Config().to_dict()["model"]
+    old = {**defaults, **(saved.get("model") or {})}  # keys added since the run was saved
+    diff = [k for k, v in now["model"].items() if k not in EXECUTION_KEYS and old.get(k) != v]
+    if diff:
         raise ConfigError(
             f"run '{cfg.run_name}' already exists with a different model config "
             f"(differs in: {', '.join(f'model.{k}' for k in diff)}); "

@@ -506,3 +506,22 @@ def test_load_errors(base_run, tmp_path):
     # restore_params directly, for a template of the wrong step
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 99"):
         restore_params(cfg.run_dir / "checkpoints", None, step=99)
+
+
+def test_resume_check_ignores_execution_keys_and_keys_added_later(tmp_path):
+    from memzoo.config import ConfigError, save_config
+    from memzoo.train.loop import _check_resume_compatible
+
+    cfg = make_cfg(tmp_path)
+    cfg.model.vocab_size = 259
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    saved = yaml.safe_load(path.read_text())
+    del saved["model"]["remat"]  # a run saved before the key existed
+    path.write_text(yaml.safe_dump(saved))
+    for key, value in (("impl", "scan"), ("remat", True), ("kernel_block_v", 64)):
+        setattr(cfg.model, key, value)
+    _check_resume_compatible(cfg, path)  # how the model runs may change on resume
+    cfg.model.d_model *= 2
+    with pytest.raises(ConfigError, match=r"differs in: model\.d_model\)"):
+        _check_resume_compatible(cfg, path)
