@@ -111,7 +111,18 @@ def is_finished(run_dir: str | Path, steps: int) -> bool:
 
 # Keys that may change between invocations of a run without changing what it computes
 # (``steps`` may be raised to extend a finished run).
-_DRIFT_IGNORED = ("train.", "sample.", "mesh.", "steps", "output_dir", "run_name")
+_DRIFT_IGNORED = (
+    "train.",
+    "sample.",
+    "mesh.",
+    "distributed.",
+    "steps",
+    "output_dir",
+    "run_name",
+    "model.impl",
+    "model.kernel_",
+    "model.remat",
+)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -130,7 +141,10 @@ def config_drift(run_dir: str | Path, cfg: Any) -> list[str]:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return []
-    saved = _flat(yaml.safe_load(path.read_text()) or {})
+    from memzoo.config import Config
+
+    # keys added to the config since the run was saved count as their defaults
+    saved = {**_flat(Config().to_dict()), **_flat(yaml.safe_load(path.read_text()) or {})}
     want = _flat(cfg.to_dict())
     if not want.get("model.vocab_size"):
         want["model.vocab_size"] = saved.get("model.vocab_size")  # filled in by train

@@ -366,3 +366,20 @@ def test_flatten_eval_means_and_cells():
     rec = {"cells": [{"length": 256, "bpb": 2.0, "loss": 1.0}, {"length": 512, "bpb": 3.0}]}
     flat = flatten_eval("ppl", "ppl", rec)
     assert flat["ppl.bpb"] == 2.5 and flat["ppl.bpb.L512"] == 3.0 and flat["ppl.loss"] == 1.0
+
+
+def test_config_drift_ignores_keys_added_since_and_execution_keys(tmp_path):
+
+    from memzoo.config import load_config, save_config
+    from memzoo.sweep.runner import config_drift
+
+    cfg = load_config(MQAR_TINY, TINY)
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["model"]["remat"], saved["model"]["kernel_block_v"]  # an older run directory
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert config_drift(tmp_path, cfg) == []
+    cfg.model.impl = "scan"
+    assert config_drift(tmp_path, cfg) == []
+    cfg.model.d_model = 2 * cfg.model.d_model
+    assert config_drift(tmp_path, cfg) == ["model.d_model"]
