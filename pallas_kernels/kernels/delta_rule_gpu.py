@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ..ops._common import register_kernel
+from . import _cost
 from ._delta_math import (
     F32,
     HIGHEST,
@@ -131,6 +132,9 @@ def _run_forward(q, k, v, eta, g, cnt, s0, cfg: Config, want_y: bool):
         in_specs=in_specs,
         out_specs=out_specs,
         compiler_params=_params(dk, False),
+        cost_estimate=_cost.chunked(
+            bh, tp, dk, dv, c, (q, k, v, eta, g, cnt, s0), out_shape, factor=1.5
+        ),
         interpret=bool(cfg.interpret),
         name="delta_rule_fwd" if want_y else "delta_rule_states",
     )(q, k, v, eta, g, cnt, s0)
@@ -213,6 +217,9 @@ def _run_backward(q, k, v, eta, g, cnt, states, do, ds_final, cfg: Config):
         in_specs=in_specs,
         out_specs=out_specs,
         compiler_params=_params(dk, True),
+        cost_estimate=_cost.chunked(
+            bh, tp, dk, dv, c, (q, k, v, eta, g, cnt, states, do, ds_final), out_shape, factor=4
+        ),
         interpret=bool(cfg.interpret),
         name="delta_rule_bwd",
     )(q, k, v, eta, g, cnt, states, do, ds_final)

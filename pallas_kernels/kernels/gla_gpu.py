@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ..ops._common import register_kernel
+from . import _cost
 from . import _gla_math as gm
 from ._gla_math import F32, SUB, Config
 
@@ -212,6 +213,7 @@ def _forward_call(cfg: Config, q, k, v, g, cnt, dec, s0, want_y: bool):
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=_params(cfg, sequential=True),
+        cost_estimate=_cost.chunked(b * h, tp, dk, dv, cfg.chunk, [*arrays, s0], out_shape),
         interpret=bool(cfg.interpret),
         name="gla_fwd" if want_y else "gla_states",
     )(*arrays, _merge(s0))
@@ -260,6 +262,10 @@ def _reverse(cfg: Config, q, g, cnt, dec, dy, dsf):
     specs.append(pl.BlockSpec((None, tp, bv), lambda i, iv: (i, 0, iv)))
     state_spec = pl.BlockSpec((None, dk, bv), lambda i, iv: (i, 0, iv))
     specs.append(state_spec)
+    rev_out = (
+        jax.ShapeDtypeStruct((b * h, cfg.n_chunks, dk, dv), F32),
+        jax.ShapeDtypeStruct((b * h, dk, dv), F32),
+    )
     dse, ds0 = pl.pallas_call(
         functools.partial(_rev_kernel, cfg=cfg, names=tuple(names)),
         grid=(b * h, cfg.nv),
@@ -268,11 +274,9 @@ def _reverse(cfg: Config, q, g, cnt, dec, dy, dsf):
             pl.BlockSpec((None, cfg.n_chunks, dk, bv), lambda i, iv: (i, 0, 0, iv)),
             state_spec,
         ),
-        out_shape=(
-            jax.ShapeDtypeStruct((b * h, cfg.n_chunks, dk, dv), F32),
-            jax.ShapeDtypeStruct((b * h, dk, dv), F32),
-        ),
+        out_shape=rev_out,
         compiler_params=_params(cfg, sequential=True),
+        cost_estimate=_cost.chunked(b * h, tp, dk, dv, cfg.chunk, [*arrays, dsf], rev_out),
         interpret=bool(cfg.interpret),
         name="gla_bwd_dstate",
     )(*arrays, _merge(dsf))
@@ -328,6 +332,9 @@ def _grads(cfg: Config, q, k, v, g, cnt, dec, dy, states, dstates):
         out_specs=tuple(out_specs),
         out_shape=tuple(out_shape),
         compiler_params=_params(cfg, sequential=False),
+        cost_estimate=_cost.chunked(
+            b * h, tp, dk, dv, cfg.chunk, [*arrays, states, dstates], out_shape, factor=2.5
+        ),
         interpret=bool(cfg.interpret),
         name="gla_bwd_grads",
     )(*arrays, _merge(states), _merge(dstates))

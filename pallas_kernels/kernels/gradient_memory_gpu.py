@@ -63,6 +63,11 @@ def _compiler(cfg: gm.Config):
     return plgpu.CompilerParams(num_warps=4 if cfg.dk * cfg.bv <= 4096 else 8, num_stages=1)
 
 
+def _estimate(flops_bytes: tuple[int, int]) -> pl.CostEstimate:
+    flops, nbytes = flops_bytes
+    return pl.CostEstimate(flops=int(flops), transcendentals=0, bytes_accessed=int(nbytes))
+
+
 def _to_rows(cfg: gm.Config, q, k, v, sc, gc):
     """[B,H,n,C,...] -> the kernels' layout: [BH, L, d]; sc slot-major [BH, NS, L]."""
     B, H = q.shape[:2]
@@ -171,6 +176,7 @@ def _fwd_call(cfg: gm.Config, q, k, v, sc, gc, A0, anc0, Z0, T0, *, save, interp
             in_specs=in_specs,
             out_specs=tuple(out_specs),
             compiler_params=_compiler(cfg),
+            cost_estimate=_estimate(gm.cost(cfg, B, H, q.dtype.itemsize, backward=False)),
             interpret=bool(interpret),
             name="gradient_memory_fwd" + ("_states" if save else ""),
         )(*ins)
@@ -304,6 +310,7 @@ def _bwd_call(cfg: gm.Config, q, k, v, sc, gc, Ss, Zs, anc0, T0, dy, dA, dZ, dao
             in_specs=in_specs,
             out_specs=tuple(out_specs),
             compiler_params=_compiler(cfg),
+            cost_estimate=_estimate(gm.cost(cfg, B, H, q.dtype.itemsize, backward=True)),
             interpret=bool(interpret),
             name="gradient_memory_bwd",
         )(*ins)
@@ -477,6 +484,7 @@ def _mlp_fwd_call(cfg: gm.Config, q, k, v, sc, gc, A0, anc0, Z0, T0, *, save, in
             in_specs=in_specs,
             out_specs=tuple(out_specs),
             compiler_params=_mlp_compiler(cfg),
+            cost_estimate=_estimate(gm.cost_mlp(cfg, B, H, q.dtype.itemsize, backward=False)),
             interpret=bool(interpret),
             name="gradient_memory_mlp_fwd" + ("_states" if save else ""),
         )(*ins)
@@ -605,6 +613,7 @@ def _mlp_bwd_call(cfg: gm.Config, q, k, v, sc, gc, Ss, Zs, anc0, T0, dy, dA, dZ,
             in_specs=in_specs,
             out_specs=tuple(out_specs),
             compiler_params=_mlp_compiler(cfg),
+            cost_estimate=_estimate(gm.cost_mlp(cfg, B, H, q.dtype.itemsize, backward=True)),
             interpret=bool(interpret),
             name="gradient_memory_mlp_bwd",
         )(*ins)
