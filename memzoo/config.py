@@ -532,7 +532,14 @@ def validate(cfg: Config) -> None:
             m.attn_heads % kv == 0,
             f"model.attn_kv_heads={kv} does not divide model.attn_heads={m.attn_heads}",
         )
-        _check((m.d_model // m.attn_heads) % 2 == 0, "attention head dim must be even for RoPE")
+        _check(
+            m.rope_theta == 0 or (m.d_model // m.attn_heads) % 2 == 0,
+            "attention head dim must be even for RoPE (or model.rope_theta=0 for NoPE)",
+        )
+    _check(
+        m.rope_theta == 0 or m.rope_theta > 1,
+        f"model.rope_theta must be > 1 (or 0 for no positional encoding), got {m.rope_theta}",
+    )
     _check(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
     _check(m.mlp_type in ("swiglu", "gelu"), f"model.mlp_type '{m.mlp_type}' is not swiglu or gelu")
     _check(m.norm_type in ("rms", "layer"), f"model.norm_type '{m.norm_type}' is not rms or layer")

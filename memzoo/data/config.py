@@ -40,6 +40,9 @@ class DataConfig:
       passkey_fraction: fraction of training rows replaced by passkey rows (NIAH-style
         documents: a 7-digit number hidden in filler text, then asked for; see
         ``memzoo.data.passkey``); 0 = off. Held-out batches are never mixed.
+      recall_fraction: fraction of training rows replaced by key-value recall drills in the
+        needles' wording (``k is: v.`` pairs, then queries of them); 0 = off. With
+        ``passkey_fraction`` it must leave some text rows (sum < 1).
     """
 
     source: str = "stdlib"
@@ -56,6 +59,7 @@ class DataConfig:
     mqar_passes: int = 1
     mqar_gap_power: float = 0.01
     passkey_fraction: float = 0.0
+    recall_fraction: float = 0.0
 
 
 def split_globs(paths: str) -> list[str]:
@@ -124,6 +128,14 @@ def validate_data_config(cfg: DataConfig) -> None:
     pf = cfg.passkey_fraction
     if not isinstance(pf, int | float) or not (0.0 <= float(pf) < 1.0):
         raise ValueError(f"data.passkey_fraction: must be in [0, 1), got {pf!r}")
+    rf = cfg.recall_fraction
+    if not isinstance(rf, int | float) or not (0.0 <= float(rf) < 1.0):
+        raise ValueError(f"data.recall_fraction: must be in [0, 1), got {rf!r}")
+    if pf + rf >= 1.0:
+        raise ValueError(
+            f"data.passkey_fraction + data.recall_fraction must be < 1 (some text rows), "
+            f"got {pf} + {rf}"
+        )
     if cfg.source in FILE_SOURCES:
         if not split_globs(cfg.paths):
             raise ValueError(f"data.paths: required for source {cfg.source!r}")

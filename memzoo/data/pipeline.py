@@ -271,11 +271,15 @@ class TrainIterator:
             cfg, tokenizer, "train", seed, True, shard_index=shard_index, shard_count=shard_count
         )
         ds = PackIterDataset(docs, seq_len, tokenizer.pad_id)
-        if cfg.passkey_fraction > 0:
+        if cfg.passkey_fraction > 0 or cfg.recall_fraction > 0:
             from memzoo.data.passkey import PasskeyMixIterDataset
 
             self._meta["passkey_fraction"] = float(cfg.passkey_fraction)
-            ds = PasskeyMixIterDataset(ds, cfg.passkey_fraction, tokenizer, seq_len, seed)
+            if cfg.recall_fraction > 0:
+                self._meta["recall_fraction"] = float(cfg.recall_fraction)
+            ds = PasskeyMixIterDataset(
+                ds, cfg.passkey_fraction, tokenizer, seq_len, seed, cfg.recall_fraction
+            )
         ds = ds.batch(batch_size, drop_remainder=True)
         if cfg.num_workers > 0:
             _ensure_absl_flags_parsed()

@@ -232,13 +232,15 @@ def _rng(*parts: Any) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
-def _value(rng: random.Random, kind: str) -> str:
+def draw_value(rng: random.Random, kind: str) -> str:
+    """A needle value: a 7-digit number (``kind`` "number") or a UUID4 string ("uuid")."""
     if kind == "uuid":
         return str(uuid.UUID(int=rng.getrandbits(128), version=4))
     return str(rng.randint(1_000_000, 9_999_999))
 
 
-def _keys(rng: random.Random, n: int) -> list[str]:
+def draw_keys(rng: random.Random, n: int) -> list[str]:
+    """``n`` distinct adjective-noun keys ("quiet-lantern")."""
     pairs = rng.sample(range(len(ADJECTIVES) * len(NOUNS)), n)
     return [f"{ADJECTIVES[p // len(NOUNS)]}-{NOUNS[p % len(NOUNS)]}" for p in pairs]
 
@@ -289,17 +291,17 @@ def draw_needles(
     _, kind, n_needles, n_asked, n_values = _VARIANTS[s.task]
     rng = _rng("needles", s.task, s.seed, cell["length"], cell["depth"], index)
     if n_values > 1:  # one key, several values
-        key = _keys(rng, 1)[0]
+        key = draw_keys(rng, 1)[0]
         values: list[str] = []
         while len(values) < n_needles:
-            v = _value(rng, kind)
+            v = draw_value(rng, kind)
             if v not in values:
                 values.append(v)
         return [key] * n_needles, values, [key], list(values)
-    keys = _keys(rng, n_needles)
+    keys = draw_keys(rng, n_needles)
     values = []
     while len(values) < n_needles:
-        v = _value(rng, kind)
+        v = draw_value(rng, kind)
         if v not in values:
             values.append(v)
     asked_idx = list(range(n_asked))

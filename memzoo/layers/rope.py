@@ -33,15 +33,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float = 10000.0) ->
     With ``x = [x1, x2]`` split in halves along the head dim ``Dh`` and
     ``freq_i = theta^(-2i/Dh)``, ``angle = p * freq``:
     ``rope(x, p) = [x1 cos(angle) - x2 sin(angle), x2 cos(angle) + x1 sin(angle)]``.
+    ``theta = 0`` means no positional encoding (NoPE, Kazemnejad et al. 2023): ``x`` is
+    returned unchanged; in a hybrid the recurrent layers carry the order.
 
     Args:
       x: ``[B, T, H, Dh]`` with ``Dh`` even.
       positions: integer ``[B, T]`` (or ``[T]``, broadcast over the batch).
-      theta: base of the frequencies.
+      theta: base of the frequencies; 0 = NoPE.
 
     Returns:
       Rotated ``x`` in ``x.dtype`` (math in float32).
     """
+    if theta == 0:
+        return x
     dh = x.shape[-1]
     if dh % 2 != 0:
         raise ValueError(f"apply_rope needs an even head dim, got {dh}")

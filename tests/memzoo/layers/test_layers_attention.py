@@ -51,7 +51,21 @@ CONFIGS = {
     "gqa": dict(num_heads=4, num_kv_heads=2),
     "mqa_window": dict(num_heads=4, num_kv_heads=1, window=3),
     "gqa_window_qknorm": dict(num_heads=4, num_kv_heads=2, window=5, qk_norm=True, use_bias=True),
+    "nope": dict(num_heads=4, rope_theta=0.0),
 }
+
+
+@pytest.mark.parametrize("theta, invariant", [(0.0, True), (10000.0, False)])
+def test_nope_last_query_ignores_key_order(theta, invariant):
+    """Without positions, the last token's output is the same for any order of the tokens
+    before it; with RoPE it is not."""
+    attn = Attention(D, num_heads=4, rope_theta=theta, rngs=nnx.Rngs(5))
+    x = jax.random.normal(jax.random.key(6), (1, 8, D))
+    perm = jnp.array([3, 0, 6, 1, 5, 2, 4, 7])
+    y, _ = _full(attn, x)
+    yp, _ = _full(attn, x[:, perm])
+    err = _rel_err(yp[:, -1], y[:, -1])
+    assert (err < 1e-5) if invariant else (err > 1e-3)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

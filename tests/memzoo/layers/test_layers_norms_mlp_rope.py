@@ -64,6 +64,11 @@ def test_swiglu():
     assert m.gate.bias is None and m.up.bias is None and m.down.bias is None
 
 
+def test_rope_theta_zero_is_nope():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 7))  # odd head dim is fine without RoPE
+    assert (apply_rope(x, jnp.arange(5), theta=0.0) == x).all()
+
+
 def test_rope_reference_and_relative():
     b, t, h, d = 2, 6, 3, 8
     x = jax.random.normal(jax.random.key(4), (b, t, h, d))
