@@ -1,4 +1,4 @@
-"""Passkey and recall rows mixed into training (``data.passkey_fraction``, ``data.recall_fraction``).
+"""Passkey and recall rows mixed into training (data.passkey_fraction, data.recall_fraction).
 
 A passkey row holds one or more passkey documents ``[BOS] prompt answer [EOS]`` built by the
 NIAH generator (``memzoo.evals.niah``, task ``niah_single_1``: a 7-digit number in a
