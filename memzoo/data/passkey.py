@@ -5,11 +5,12 @@ NIAH generator (``memzoo.evals.niah``, task ``niah_single_1``: a 7-digit number 
 repeated-noise haystack, at a random depth), each a random length between a quarter of the row
 and the whole row; the rest of the row is padding (loss-masked).
 
-A recall row is a key-value drill in the needles' wording: ``k1 is: v1. ... kP is: vP.`` and
-then queries ``k is: v.`` of those keys until the row is full. Each queried value is
-predictable only by finding its key earlier in the row: the associative recall a passkey
-answer needs, on about a fifth of the row's tokens instead of the ~3% a passkey document
-supervises (the MQAR lesson: more recall targets per row is what gets the circuit to form).
+A recall row is a key-value drill in the needles' wording: ``k1 is: v1. ... kP is: vP.``, then
+the pairs again in order, then queries ``k is: v.`` of random keys until the row is full.
+Every token of the repeat is predictable by copying and each queried value only by finding
+its key earlier in the row: the copying and associative recall a passkey answer needs, on
+about half the row's tokens instead of the ~3% a passkey document supervises (the MQAR
+lesson: more recall targets per row is what gets the circuit to form).
 
 Whether row ``n`` is a passkey, recall or text row and what it holds are functions of
 ``(seed, n)`` only, so the state is the text pipeline's state plus ``n`` and resume stays
@@ -99,8 +100,10 @@ def recall_row(tokenizer: Tokenizer, seq_len: int, seed: int, n: int) -> dict[st
     """Row ``n`` as one key-value recall document ``[BOS] pairs queries [EOS]``.
 
     Pairs ``k is: v.`` (2 to ``seq_len // 64`` of them, at least 2; adjective-noun keys and
-    7-digit values as in the NIAH needles), a newline, then queries of uniformly drawn keys in
-    the same form until the next would not fit.
+    7-digit values as in the NIAH needles), a newline, then queries in the same form: first
+    every pair in its order (a verbatim repeat, where every token is predictable by copying:
+    the data that forms induction heads fastest), then uniformly drawn keys (where the value
+    must be looked up by its key) until the next would not fit.
     """
     from memzoo.evals import niah
 
@@ -119,8 +122,9 @@ def recall_row(tokenizer: Tokenizer, seq_len: int, seed: int, n: int) -> dict[st
             f"data.recall_fraction: seq_len {seq_len} is too short for a recall row "
             f"(needs about {len(doc) + 2 * max(map(len, records))} tokens)"
         )
+    order = list(range(n_pairs))
     while True:
-        q = records[rng.randrange(n_pairs)]
+        q = records[order.pop(0) if order else rng.randrange(n_pairs)]
         if len(doc) + len(q) + len(eos) > width:
             break
         doc += q
