@@ -23,11 +23,12 @@ document; fs_r = no reset between the chunk start and r; b_r = fs_r e^{G_r}):
 choice (the inverse: fp32 matmuls on the MXU / tensor cores, precision below): blocked
 forward substitution. The 8 x 8 diagonal blocks of A are nilpotent of order 8, so their inverse
 is the doubling product (I - D)(I + D^2)(I + D^4) (4 matmuls); the block rows below are then
-solved in order, T = T_D - (T_D E) T, one C x C matmul per block row (see
-:func:`unit_lower_inverse`). Not the doubling product over the whole chunk that the op's "xla"
-path uses: its partial sums hold powers of A whose entries grow like binomial(C - 1, i), which
-cancels catastrophically in fp32 when keys repeat inside a chunk (with C = 64 and 2 distinct
-unit keys, eta = 0.99, its inverse is off by ~1e4 relative and y by ~10; this one by ~1e-6).
+solved in order, T = T_D - (T_D E) T, one C x C matmul per block row: the op's
+``unit_lower_inverse`` (``ops/_common.py``, shared with the "xla" path), given this file's 2-D
+dot. Not the doubling product over the whole chunk: its partial sums hold powers of A whose
+entries grow like binomial(C - 1, i), which cancels catastrophically in fp32 when keys repeat
+inside a chunk (with C = 64 and 2 distinct unit keys, eta = 0.99, its inverse is off by ~1e4
+relative and y by ~10; this one by ~1e-6).
 
 Backward of one chunk (dO, the carried dS' in; every product is a matmul or a row / column
 sum; no second inverse is needed because dA = -T^T dT T^T = -(T^T dU) Ueta^T - (T^T dW) W^T):
@@ -61,7 +62,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..ops._common import default_scale, f32, pad_time, segment_resets
+from ..ops._common import default_scale, f32, pad_time, segment_resets, unit_lower_inverse
 
 F32 = jnp.float32
 HIGHEST = lax.Precision.HIGHEST
@@ -105,46 +106,6 @@ def _raw_dt(x, hi):
     return hi if x.dtype == F32 else x.dtype
 
 
-def _doubling_inverse(a, span_max: int, hi=HIGHEST):
-    """(I + A)^{-1} = prod_m (I + (-A)^(2^m)) for A nilpotent of order <= span_max (matmuls)."""
-    c = a.shape[0]
-    rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    t = jnp.where(rows == cols, 1.0, 0.0).astype(F32) - a
-    p = mm(a, a, hi)
-    span = 2
-    while span < span_max:
-        t = t + mm(p, t, hi)
-        span *= 2
-        if span < span_max:
-            p = mm(p, p, hi)
-    return t
-
-
-def unit_lower_inverse(a, block: int = INV_BLOCK, hi=HIGHEST):
-    """(I + A)^{-1} for strictly lower-triangular A [C, C], C a multiple of ``block``.
-
-    Diagonal blocks: the doubling product over span ``block`` (entries of the powers of A grow
-    at most like binomial(block - 1, i), harmless at 8). Across blocks: block forward
-    substitution T = T_D - (T_D E) T (E = A below the diagonal blocks), one block row per
-    step, each step one full C x C matmul whose result is kept on that block row only (row
-    block i of (T_D E) T needs only the finished block rows < i). Matmuls and masks only
-    (no slicing, which Triton lacks), 4 + C / block matmuls in all."""
-    c = a.shape[0]
-    if c <= block:
-        return _doubling_inverse(a, c, hi)
-    shift = block.bit_length() - 1
-    rb = lax.shift_right_logical(lax.broadcasted_iota(jnp.int32, (c, c), 0), shift)
-    cb = lax.shift_right_logical(lax.broadcasted_iota(jnp.int32, (c, c), 1), shift)
-    diag = rb == cb
-    t_d = _doubling_inverse(jnp.where(diag, a, 0.0), block, hi)
-    t_de = mm(t_d, jnp.where(diag, 0.0, a), hi)
-    t = t_d
-    for i in range(1, c // block):
-        t = jnp.where(rb == i, t_d - mm(t_de, t, hi), t)
-    return t
-
-
 # --------------------------------------------------------------------------------------------
 # One chunk, forward and backward (values)
 # --------------------------------------------------------------------------------------------
@@ -161,7 +122,7 @@ def _chunk_common(k, v, eta_c, g_c, g_r, cnt_c, cnt_r, hi):
     gam = jnp.exp(jnp.where(causal, g_c - g_r, _MASKED))
     kk = mm_nt(k, k, _raw_dt(k, hi))
     a = jnp.where(strict, (eta_c * kk) * gam, 0.0)
-    tinv = unit_lower_inverse(a, hi=hi)
+    tinv = unit_lower_inverse(a, INV_BLOCK, functools.partial(mm, mode=hi))
     b_c = jnp.where(cnt_c == 0.0, jnp.exp(g_c), 0.0)
     last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     g_end = jnp.sum(jnp.where(last, g_c, 0.0), axis=0, keepdims=True)  # [1,1] (no slicing:

@@ -280,3 +280,61 @@ def chunk_segment_masks(resets: jax.Array, chunk: int) -> tuple[jax.Array, jax.A
 
 def time_major(x: jax.Array | None) -> jax.Array | None:
     return None if x is None else jnp.moveaxis(x, 1, 0)
+
+
+def unit_lower_inverse(
+    a: jax.Array,
+    block: int = 8,
+    mm: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """(I + A)^{-1} for strictly lower-triangular A [..., C, C], by blocked forward substitution.
+
+    The ``block`` x ``block`` diagonal blocks D (``block`` a power of two) are nilpotent of
+    order ``block``, so their inverse is the doubling product (I - D)(I + D^2)(I + D^4)...,
+    whose partial sums grow at most like binomial(block - 1, i) (harmless at 8). The block
+    rows below are then solved in order, T = T_D - (T_D E) T (E = A off the diagonal blocks):
+    one C x C matmul per block row, its result kept on that row only (row block i of
+    (T_D E) T needs only the finished rows < i). Matmuls, iotas and masks only (no slicing,
+    no integer division), so the same code runs in XLA, Mosaic TPU and Triton kernels;
+    ``mm`` is the matmul (default: ``jnp.matmul`` at HIGHEST precision, batched over the
+    leading dims; kernels pass their 2-D fp32-accumulating dot).
+
+    choice: not the doubling product over the whole chunk: the powers of A in its partial sums
+    grow like binomial(C - 1, i) and cancel catastrophically in fp32 when keys repeat inside a
+    chunk (C = 64, two distinct unit keys, eta = 0.99: y off by ~10x). Not
+    jax.scipy.linalg.solve_triangular either, whose gradient intermittently deadlocked on the
+    CPU backend of jaxlib 0.10.2 in the train step, and which Pallas kernels cannot call.
+    """
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"unit_lower_inverse: block must be a power of two, got {block}")
+    if mm is None:
+
+        def mm(x, y):
+            return jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
+
+    c = a.shape[-1]
+    shift = block.bit_length() - 1
+    rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    rb = jax.lax.shift_right_logical(rows, shift)
+    diag = rb == jax.lax.shift_right_logical(cols, shift)
+
+    def doubling(d, span_max):
+        t = jnp.where(rows == cols, 1.0, 0.0).astype(d.dtype) - d
+        p = mm(d, d)
+        span = 2
+        while span < span_max:
+            t = t + mm(p, t)
+            span *= 2
+            if span < span_max:
+                p = mm(p, p)
+        return t
+
+    if c <= block:
+        return doubling(a, c)
+    t_d = doubling(jnp.where(diag, a, 0.0), block)
+    t_de = mm(t_d, jnp.where(diag, 0.0, a))
+    t = t_d
+    for i in range(1, -(-c // block)):
+        t = jnp.where(rb == i, t_d - mm(t_de, t), t)
+    return t

@@ -38,6 +38,7 @@ from ._common import (
     shape_of,
     time_major,
     to_chunks,
+    unit_lower_inverse,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -139,46 +140,6 @@ def _scan(q, k, v, eta, log_a, s0, resets, scale):
 INV_BLOCK = 8
 
 
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
-
-
-def unit_lower_inverse(a: jax.Array, block: int = INV_BLOCK) -> jax.Array:
-    """(I + A)^{-1} for strictly lower-triangular A [..., C, C], by blocked forward substitution.
-
-    The ``block`` x ``block`` diagonal blocks D are nilpotent of order ``block``, so their
-    inverse is the doubling product (I - D)(I + D^2)(I + D^4)...; the block rows below are then
-    solved in order, T = T_D - (T_D E) T (E = A off the diagonal blocks), one batched C x C
-    matmul per block row kept on that row. Matmuls and masks only (MXU-friendly, differentiated
-    as plain matmuls), fp32 at HIGHEST precision.
-    choice: not the doubling product over the whole chunk: the powers of A in its partial sums
-    grow like binomial(C - 1, i) and cancel catastrophically in fp32 when keys repeat inside a
-    chunk (C = 64, two distinct unit keys, eta = 0.99: y off by ~10x). Not
-    jax.scipy.linalg.solve_triangular either, whose gradient intermittently deadlocked on the
-    CPU backend of jaxlib 0.10.2 in the train step.
-    """
-    c = a.shape[-1]
-    rows = lax.broadcasted_iota(jnp.int32, (c, c), 0) // block
-    cols = lax.broadcasted_iota(jnp.int32, (c, c), 1) // block
-    diag = rows == cols
-    d = jnp.where(diag, a, 0.0)
-    t = jnp.eye(c, dtype=a.dtype) - d
-    p = _mm(d, d)
-    span = 2
-    while span < min(block, c):
-        t = t + _mm(p, t)
-        span *= 2
-        if span < min(block, c):
-            p = _mm(p, p)
-    if c <= block:
-        return t
-    t_d = t
-    t_de = _mm(t_d, jnp.where(diag, 0.0, a))
-    for i in range(1, -(-c // block)):
-        t = jnp.where(rows == i, t_d - _mm(t_de, t), t)
-    return t
-
-
 def _chunked(q, k, v, eta, log_a, s0, resets, scale, chunk_size):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
@@ -204,7 +165,7 @@ def _chunked(q, k, v, eta, log_a, s0, resets, scale, chunk_size):
     a_mat = jnp.where(strict, ec[..., :, None] * kk * gamma, 0.0)
     read0 = from_start * jnp.exp(g)  # [B,H,N,C]: weight of the chunk-start state
     rhs = jnp.concatenate([ec[..., None] * vc, (ec * read0)[..., None] * kc], axis=-1)
-    sol = unit_lower_inverse(a_mat) @ rhs
+    sol = unit_lower_inverse(a_mat, INV_BLOCK) @ rhs
     u_v, w = sol[..., :dv], sol[..., dv:]  # U = u_v - w S0
 
     a_qk = jnp.einsum("...rd,...sd->...rs", qc, kc) * gamma

@@ -150,7 +150,9 @@ def _intra_per_channel(q, k, g):
     tri = jnp.tril(jnp.ones((c, c), dtype=bool))
     diff = gs[..., :, :, None, :] - gs[..., :, None, :, :]  # [..., n, r, s, dk]
     diff = jnp.where(tri[:, :, None], diff, NEG_INF)
-    diag = jnp.sum(qs[..., :, :, None, :] * ks[..., :, None, :, :] * jnp.exp(diff), axis=-1)
+    # an einsum, not sum(q[:, None] * k[None] * e, -1): the gradient of that broadcast-reduce
+    # segfaults in XLA's CPU backend (jaxlib 0.10.2 on AMD EPYC hosts)
+    diag = jnp.einsum("...rd,...sd,...rsd->...rs", qs, ks, jnp.exp(diff))
     if n == 1:
         return diag.reshape(*lead, c_len, c_len)
 
@@ -158,9 +160,8 @@ def _intra_per_channel(q, k, g):
     lower = jnp.arange(n)[:, None] > jnp.arange(n)[None, :]  # [i, j]
     eq = gs[..., :, None, :, :] - gref[..., None, :, None, :]  # [..., i, j, r, dk]
     eq = jnp.where(lower[:, :, None, None], eq, NEG_INF)
-    qd = qs[..., :, None, :, :] * jnp.exp(eq)  # [..., i, j, r, dk]
     kd = ks * jnp.exp(gref[..., :, None, :] - gs)  # [..., j, s, dk]
-    off = jnp.einsum("...ijrd,...jsd->...irjs", qd, kd)
+    off = jnp.einsum("...ird,...ijrd,...jsd->...irjs", qs, jnp.exp(eq), kd)
     eye = jnp.eye(n, dtype=q.dtype)
     full = off + jnp.einsum("...irs,ij->...irjs", diag, eye)
     return full.reshape(*lead, c_len, c_len)
