@@ -67,7 +67,6 @@ from ..ops._common import default_scale, f32, pad_time, segment_resets, unit_low
 F32 = jnp.float32
 HIGHEST = lax.Precision.HIGHEST
 _MASKED = -1e30  # log-space value of a masked decay entry (exp underflows to exactly 0)
-INV_BLOCK = 8  # diagonal block of the triangular inverse (a power of two)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +121,7 @@ def _chunk_common(k, v, eta_c, g_c, g_r, cnt_c, cnt_r, hi):
     gam = jnp.exp(jnp.where(causal, g_c - g_r, _MASKED))
     kk = mm_nt(k, k, _raw_dt(k, hi))
     a = jnp.where(strict, (eta_c * kk) * gam, 0.0)
-    tinv = unit_lower_inverse(a, INV_BLOCK, functools.partial(mm, mode=hi))
+    tinv = unit_lower_inverse(a, mm=functools.partial(mm, mode=hi))
     b_c = jnp.where(cnt_c == 0.0, jnp.exp(g_c), 0.0)
     last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     g_end = jnp.sum(jnp.where(last, g_c, 0.0), axis=0, keepdims=True)  # [1,1] (no slicing:
@@ -347,5 +346,4 @@ __all__ = [
     "mm_tn",
     "segment_counter",
     "static_scale",
-    "unit_lower_inverse",
 ]

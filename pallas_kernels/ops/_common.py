@@ -282,9 +282,12 @@ def time_major(x: jax.Array | None) -> jax.Array | None:
     return None if x is None else jnp.moveaxis(x, 1, 0)
 
 
+INV_BLOCK = 8  # diagonal block of the triangular inverse (a power of two)
+
+
 def unit_lower_inverse(
     a: jax.Array,
-    block: int = 8,
+    block: int = INV_BLOCK,
     mm: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """(I + A)^{-1} for strictly lower-triangular A [..., C, C], by blocked forward substitution.

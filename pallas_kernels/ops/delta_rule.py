@@ -137,9 +137,6 @@ def _scan(q, k, v, eta, log_a, s0, resets, scale):
 # --------------------------------------------------------------------------------------------
 
 
-INV_BLOCK = 8
-
-
 def _chunked(q, k, v, eta, log_a, s0, resets, scale, chunk_size):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
@@ -165,7 +162,7 @@ def _chunked(q, k, v, eta, log_a, s0, resets, scale, chunk_size):
     a_mat = jnp.where(strict, ec[..., :, None] * kk * gamma, 0.0)
     read0 = from_start * jnp.exp(g)  # [B,H,N,C]: weight of the chunk-start state
     rhs = jnp.concatenate([ec[..., None] * vc, (ec * read0)[..., None] * kc], axis=-1)
-    sol = unit_lower_inverse(a_mat, INV_BLOCK) @ rhs
+    sol = unit_lower_inverse(a_mat) @ rhs
     u_v, w = sol[..., :dv], sol[..., dv:]  # U = u_v - w S0
 
     a_qk = jnp.einsum("...rd,...sd->...rs", qc, kc) * gamma
