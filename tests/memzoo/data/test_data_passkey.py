@@ -9,7 +9,7 @@ import pytest
 
 from memzoo.data import ByteTokenizer, DataConfig, make_train_iterator
 from memzoo.data.config import validate_data_config
-from memzoo.data.passkey import recall_row
+from memzoo.data.passkey import passkey_row, recall_row
 
 TOK = ByteTokenizer()
 RECORD = re.compile(r"([a-z]+-[a-z]+) is: (\d{7})\. ")
@@ -48,20 +48,36 @@ def test_recall_row_too_short_is_a_clear_error():
         recall_row(TOK, 40, 0, 0)
 
 
-def test_mix_has_all_three_kinds_and_resumes_exactly():
-    cfg = DataConfig(max_docs=20, passkey_fraction=0.25, recall_fraction=0.5)
-    it = make_train_iterator(cfg, TOK, batch_size=8, seq_len=256, seed=0)
-    first = [next(it) for _ in range(3)]
+def _mixed_rows_resume_exactly(cfg: DataConfig, batch_size: int, before: int) -> list[str]:
+    """Decoded rows of ``before`` + 2 batches; asserts that the 2 after a saved state come
+    again, identical, from a new iterator restored to it."""
+    it = make_train_iterator(cfg, TOK, batch_size=batch_size, seq_len=256, seed=0)
+    first = [next(it) for _ in range(before)]
     state = it.get_state()
     rest = [next(it) for _ in range(2)]
-    rows = [TOK.decode(r) for b in first + rest for r in b["inputs"]]
-    n_pass = sum("secret numbers for" in r for r in rows)
-    n_recall = sum(bool(RECORD.match(r)) for r in rows)
-    assert 3 <= n_pass <= 18 and 10 <= n_recall <= 30 and n_pass + n_recall < len(rows)
-    again = make_train_iterator(cfg, TOK, batch_size=8, seq_len=256, seed=0)
+    again = make_train_iterator(cfg, TOK, batch_size=batch_size, seq_len=256, seed=0)
     again.set_state(state)
     for b in rest:
         assert (next(again)["inputs"] == b["inputs"]).all()
+    return [TOK.decode(r) for b in first + rest for r in b["inputs"]]
+
+
+def test_passkey_rows_mix_and_resume():
+    row = passkey_row(TOK, 256, 0, 3)
+    text = TOK.decode(row["inputs"])
+    assert "One of the secret numbers for " in text and "The secret number for" in text
+    assert row["inputs"].shape == (256,) and row["loss_mask"].sum() > 100
+    rows = _mixed_rows_resume_exactly(DataConfig(max_docs=20, passkey_fraction=0.5), 4, 2)
+    n_pass = sum("secret numbers for" in r for r in rows)
+    assert 2 <= n_pass <= 14
+
+
+def test_mix_has_all_three_kinds_and_resumes_exactly():
+    cfg = DataConfig(max_docs=20, passkey_fraction=0.25, recall_fraction=0.5)
+    rows = _mixed_rows_resume_exactly(cfg, 8, 3)
+    n_pass = sum("secret numbers for" in r for r in rows)
+    n_recall = sum(bool(RECORD.match(r)) for r in rows)
+    assert 3 <= n_pass <= 18 and 10 <= n_recall <= 30 and n_pass + n_recall < len(rows)
 
 
 @pytest.mark.parametrize(

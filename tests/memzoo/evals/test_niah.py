@@ -217,28 +217,6 @@ def test_stand_in_sees_equal_lengths():
     assert SimpleNamespace(**out).examples[0]["depth_actual"] == 0.0
 
 
-def test_passkey_rows_mix_and_resume():
-    from memzoo.data import DataConfig, make_train_iterator
-    from memzoo.data.passkey import passkey_row
-
-    row = passkey_row(TOK, 256, 0, 3)
-    text = TOK.decode(row["inputs"])
-    assert "One of the secret numbers for " in text and "The secret number for" in text
-    assert row["inputs"].shape == (256,) and row["loss_mask"].sum() > 100
-    cfg = DataConfig(max_docs=20, passkey_fraction=0.5)
-    it = make_train_iterator(cfg, TOK, batch_size=4, seq_len=256, seed=0)
-    first = [next(it) for _ in range(2)]
-    state = it.get_state()
-    rest = [next(it) for _ in range(2)]
-    rows = [TOK.decode(r) for b in first + rest for r in b["inputs"]]
-    n_pass = sum("secret numbers for" in r for r in rows)
-    assert 2 <= n_pass <= 14
-    again = make_train_iterator(cfg, TOK, batch_size=4, seq_len=256, seed=0)
-    again.set_state(state)
-    for b in rest:
-        assert (next(again)["inputs"] == b["inputs"]).all()
-
-
 def test_end_to_end_through_runner(tmp_path):
     from tiny_runs import QUICKSTART, TINY_DATA, TINY_HYBRID
 
