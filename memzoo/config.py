@@ -61,6 +61,7 @@ class ModelConfig:
     attn_kv_heads: int = 0
     attn_window: int = 0
     rope_theta: float = 10000.0
+    rope_scale: float = 1.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -540,6 +541,7 @@ def validate(cfg: Config) -> None:
         m.rope_theta == 0 or m.rope_theta > 1,
         f"model.rope_theta must be > 1 (or 0 for no positional encoding), got {m.rope_theta}",
     )
+    _check(m.rope_scale > 0, f"model.rope_scale must be > 0, got {m.rope_scale}")
     _check(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
     _check(m.mlp_type in ("swiglu", "gelu"), f"model.mlp_type '{m.mlp_type}' is not swiglu or gelu")
     _check(m.norm_type in ("rms", "layer"), f"model.norm_type '{m.norm_type}' is not rms or layer")

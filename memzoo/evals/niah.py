@@ -111,6 +111,11 @@ class Settings:
       haystack_paths: comma-separated local text files for the natural-text haystack;
         empty = the standard library's docstrings.
       haystack: ``auto`` (the task's own), ``noise`` or ``text`` to override the haystack.
+      rope_interpolation: in a cell longer than the run's training ``seq_len``, multiply the
+        attention layers' RoPE positions by ``seq_len / length`` (linear Position
+        Interpolation, Chen et al. 2023, here without fine-tuning), so the rotation angles
+        stay within those seen in training. Each cell records its ``rope_scale`` (null when
+        off: the model's own).
     """
 
     task: str = "niah_single_1"
@@ -121,6 +126,7 @@ class Settings:
     seed: int = 0
     haystack_paths: str = ""
     haystack: str = "auto"
+    rope_interpolation: bool = False
 
 
 # --------------------------------------------------------------------------- settings / cells
@@ -460,7 +466,19 @@ def run_cell(ctx: Any, s: Settings, cell: dict) -> dict:
     """Generates and scores the samples of one cell; returns the cell's result dict."""
     tok = ctx.tokenizer
     samples, max_new = make_samples(s, cell, ctx.encode, getattr(tok, "bos_id", None))
-    outs = ctx.generate([x.ids for x in samples], max_new)
+    scale = None  # the model's own
+    if s.rope_interpolation:
+        from memzoo.models.lm import set_rope_scale
+
+        base_scale = float(ctx.cfg.model.rope_scale)
+        scale = base_scale * min(1.0, int(ctx.cfg.seq_len) / int(cell["length"]))
+        set_rope_scale(ctx.model, scale)
+        try:
+            outs = ctx.generate([x.ids for x in samples], max_new)
+        finally:
+            set_rope_scale(ctx.model, base_scale)
+    else:
+        outs = ctx.generate([x.ids for x in samples], max_new)
     eos = getattr(tok, "eos_id", None)
     examples = []
     sm, em = [], []
@@ -486,6 +504,7 @@ def run_cell(ctx: Any, s: Settings, cell: dict) -> dict:
         "samples": len(samples),
         "prompt_tokens": len(samples[0].ids),
         "max_new_tokens": max_new,
+        "rope_scale": scale,
         "string_match": sum(sm) / len(sm),
         "exact_match": sum(em) / len(em),
         "examples": examples,

@@ -23,7 +23,8 @@ class Attention(nnx.Module):
     Per head h (query head h reads key/value head ``h // (num_heads // num_kv_heads)``: grouped
     query attention, Ainslie et al. 2023, "GQA"):
     ``o_t = sum_{s in A(t)} softmax_s(q_t . k_s / sqrt(Dh)) v_s`` with
-    ``q = RoPE(W_q x), k = RoPE(W_k x), v = W_v x`` (RoPE: Su et al. 2021) and
+    ``q = RoPE(W_q x), k = RoPE(W_k x), v = W_v x`` (RoPE: Su et al. 2021; positions times
+    ``rope_scale``, linear Position Interpolation, Chen et al. 2023) and
     ``A(t) = {s <= t, s > t - window (if window > 0), s in the document of t}``;
     output ``y = W_o concat_h(o)``. With ``qk_norm`` an RMSNorm over the head dim (shared across
     heads) is applied to q and k before RoPE. Logits and softmax are computed in float32.
@@ -42,6 +43,7 @@ class Attention(nnx.Module):
         *,
         window: int = 0,
         rope_theta: float = 10000.0,
+        rope_scale: float = 1.0,
         qk_norm: bool = False,
         use_bias: bool = False,
         dtype: jnp.dtype = jnp.float32,
@@ -72,6 +74,7 @@ class Attention(nnx.Module):
         self.head_dim = head_dim
         self.window = window
         self.rope_theta = rope_theta
+        self.rope_scale = rope_scale
         self.qk_norm = qk_norm
         self.dtype = dtype
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -110,8 +113,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q = apply_rope(q, positions, theta=self.rope_theta)
-        k = apply_rope(k, positions, theta=self.rope_theta)
+        q = apply_rope(q, positions, theta=self.rope_theta, scale=self.rope_scale)
+        k = apply_rope(k, positions, theta=self.rope_theta, scale=self.rope_scale)
         return q, k, v
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

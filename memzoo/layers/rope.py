@@ -27,7 +27,9 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return idx - last_start
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float = 10000.0) -> jax.Array:
+def apply_rope(
+    x: jax.Array, positions: jax.Array, *, theta: float = 10000.0, scale: float = 1.0
+) -> jax.Array:
     """Rotary position embedding (Su et al. 2021, "RoFormer"), rotate-half convention.
 
     With ``x = [x1, x2]`` split in halves along the head dim ``Dh`` and
@@ -36,10 +38,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float = 10000.0) ->
     ``theta = 0`` means no positional encoding (NoPE, Kazemnejad et al. 2023): ``x`` is
     returned unchanged; in a hybrid the recurrent layers carry the order.
 
+    ``scale`` multiplies the positions first: linear Position Interpolation (Chen et al. 2023,
+    "Extending Context Window of Large Language Models via Positional Interpolation").
+    ``scale = T_train / T`` keeps every rotation angle of a length-``T`` context inside the
+    range seen when training at ``T_train``.
+
     Args:
       x: ``[B, T, H, Dh]`` with ``Dh`` even.
       positions: integer ``[B, T]`` (or ``[T]``, broadcast over the batch).
       theta: base of the frequencies; 0 = NoPE.
+      scale: position multiplier (1 = plain RoPE).
 
     Returns:
       Rotated ``x`` in ``x.dtype`` (math in float32).
@@ -54,7 +62,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float = 10000.0) ->
         positions = positions[None, :]
     half = dh // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / dh))
-    angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+    angle = (positions.astype(jnp.float32) * scale)[..., None] * inv_freq  # [B, T, half]
     cos = jnp.cos(angle)[:, :, None, :]  # [B, T, 1, half]
     sin = jnp.sin(angle)[:, :, None, :]
     x32 = x.astype(jnp.float32)

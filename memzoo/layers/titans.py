@@ -151,7 +151,7 @@ class PersistentAttention(Attention):
         return q, k, v
 
     def rope(self, x: Array, positions: Array) -> Array:
-        return apply_rope(x, positions, theta=self.rope_theta)
+        return apply_rope(x, positions, theta=self.rope_theta, scale=self.rope_scale)
 
     def persistent_kv(self) -> tuple[Array, Array] | None:
         """(k, v) of the persistent tokens, [N_p, Hkv, Dh] each, or None."""

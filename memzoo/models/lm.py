@@ -208,6 +208,8 @@ class LM(nnx.Module):
             )
         else:
             self.head = None
+        if cfg.rope_scale != 1.0:
+            set_rope_scale(self, cfg.rope_scale)
 
     def init_cache(self, batch_size: int, max_len: int) -> list:
         """Per-layer caches: KV buffers for attention, conv tail + state for memories; with
@@ -257,6 +259,20 @@ class LM(nnx.Module):
 
 def _run_block(block: nnx.Module, h: Array, segment_ids: Array | None) -> tuple[Array, Any]:
     return block(h, segment_ids=segment_ids, cache=None)
+
+
+def set_rope_scale(model: nnx.Module, scale: float) -> int:
+    """Sets the RoPE position multiplier (``model.rope_scale``) of every attention module in
+    ``model``, in place; returns how many there are. A changed scale is part of the graph
+    definition, so jitted functions of ``nnx.split(model)`` recompile for it."""
+    if not scale > 0:
+        raise ValueError(f"rope scale must be > 0, got {scale}")
+    n = 0
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Attention):
+            module.rope_scale = float(scale)
+            n += 1
+    return n
 
 
 def count_params(model: nnx.Module) -> int:

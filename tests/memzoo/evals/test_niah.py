@@ -217,6 +217,33 @@ def test_stand_in_sees_equal_lengths():
     assert SimpleNamespace(**out).examples[0]["depth_actual"] == 0.0
 
 
+def test_rope_interpolation_scales_long_cells_only(tiny_run):
+    from flax import nnx
+
+    from memzoo.data import build_tokenizer
+    from memzoo.evals.runner import EvalContext, load_run
+    from memzoo.layers.attention import Attention
+
+    model, cfg, run_dir = load_run(tiny_run)
+    ctx = EvalContext(model, cfg, build_tokenizer(cfg.data), run_dir, 3)
+
+    def scales():
+        return {m.rope_scale for _, m in nnx.iter_graph(model) if isinstance(m, Attention)}
+
+    seen = []
+    generate = ctx.generate
+    ctx.generate = lambda ids, n: seen.append(scales()) or generate(ids, n)
+    s = niah.Settings(samples=1, rope_interpolation=True)
+    long = niah.run_cell(ctx, s, {"length": 256, "depth": 50})
+    assert cfg.seq_len == 32 and long["rope_scale"] == 32 / 256
+    assert seen == [{32 / 256}] and scales() == {1.0}  # restored after the cell
+    off = niah.run_cell(ctx, niah.Settings(samples=1), {"length": 256, "depth": 50})
+    assert off["rope_scale"] is None and seen[-1] == {1.0}
+    cfg.seq_len = 512  # a cell no longer than training keeps the model's scale
+    short = niah.run_cell(ctx, s, {"length": 256, "depth": 50})
+    assert short["rope_scale"] == 1.0 and seen[-1] == {1.0}
+
+
 def test_end_to_end_through_runner(tmp_path):
     from tiny_runs import QUICKSTART, TINY_DATA, TINY_HYBRID
 

@@ -98,6 +98,14 @@ def test_rope_reference_and_relative():
         apply_rope(x[..., :7], pos)
 
 
+def test_rope_scale_multiplies_positions():
+    x = jax.random.normal(jax.random.key(6), (2, 9, 3, 8))
+    pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    # Position Interpolation: scale 1/4 at positions 4p is plain RoPE at positions p
+    np.testing.assert_allclose(apply_rope(x, 4 * pos, scale=0.25), apply_rope(x, pos), atol=1e-6)
+    assert not np.allclose(apply_rope(x, pos, scale=0.5), apply_rope(x, pos), atol=1e-3)
+
+
 def test_segment_positions():
     seg = jnp.array([[0, 0, 0, 1, 1, 2], [5, 5, 3, 3, 5, 5]])
     np.testing.assert_array_equal(segment_positions(seg), [[0, 1, 2, 0, 1, 0], [0, 1, 0, 1, 0, 1]])

@@ -12,7 +12,7 @@ from flax import nnx
 from memzoo.config import ConfigError, load_config
 from memzoo.generate import generate, sample_token
 from memzoo.memories import memory_names
-from memzoo.models.lm import build_model, count_params
+from memzoo.models.lm import build_model, count_params, set_rope_scale
 
 V = 61
 
@@ -110,6 +110,26 @@ def test_untied_head_has_more_params():
     tied = count_params(build_model(tiny(), seed=0))
     untied = count_params(build_model(tiny("model.tie_embeddings=false"), seed=0))
     assert untied - tied == V * 32
+
+
+@pytest.mark.parametrize("pattern", ["MA", "titans_mag"])
+def test_rope_scale_from_config_and_set_on_a_built_model(pattern):
+    kind = ["model.pattern=MA"] if pattern == "MA" else [f"model.memory={pattern}"]
+    prompt = jnp.asarray([[3, 1, 4, 1, 5, 9, 2, 6]], jnp.int32)
+    model = build_model(tiny(*kind), seed=2)
+    plain = np.asarray(generate(model, prompt, 12))
+    scaled = build_model(tiny(*kind, "model.rope_scale=0.25"), seed=2)
+    want = np.asarray(generate(scaled, prompt, 12))
+    assert not np.array_equal(np.asarray(model(prompt)[0]), np.asarray(scaled(prompt)[0]))
+    # setting the scale on a built model changes the jitted generation (its graph changed)
+    assert set_rope_scale(model, 0.25) >= 1
+    np.testing.assert_array_equal(np.asarray(generate(model, prompt, 12)), want)
+    set_rope_scale(model, 1.0)
+    np.testing.assert_array_equal(np.asarray(generate(model, prompt, 12)), plain)
+    with pytest.raises(ValueError, match="rope scale must be > 0"):
+        set_rope_scale(model, 0.0)
+    with pytest.raises(ConfigError, match="model.rope_scale must be > 0"):
+        tiny("model.rope_scale=-1")
 
 
 def test_errors_are_clear():
