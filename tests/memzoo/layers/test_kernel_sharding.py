@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import json
@@ -71,6 +73,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # ~1 min on 2 cores; CI runs it in `make test-full`
 def test_kernels_run_in_shard_map_and_match_unsharded_xla():
     env = dict(os.environ)
     env["XLA_FLAGS"] = (

@@ -115,17 +115,22 @@ def test_untied_head_has_more_params():
 @pytest.mark.parametrize("pattern", ["MA", "titans_mag"])
 def test_rope_scale_from_config_and_set_on_a_built_model(pattern):
     kind = ["model.pattern=MA"] if pattern == "MA" else [f"model.memory={pattern}"]
-    prompt = jnp.asarray([[3, 1, 4, 1, 5, 9, 2, 6]], jnp.int32)
+    prompt = jnp.asarray([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]], jnp.int32)
     model = build_model(tiny(*kind), seed=2)
-    plain = np.asarray(generate(model, prompt, 12))
     scaled = build_model(tiny(*kind, "model.rope_scale=0.25"), seed=2)
-    want = np.asarray(generate(scaled, prompt, 12))
-    assert not np.array_equal(np.asarray(model(prompt)[0]), np.asarray(scaled(prompt)[0]))
-    # setting the scale on a built model changes the jitted generation (its graph changed)
+    plain, want = np.asarray(model(prompt)[0]), np.asarray(scaled(prompt)[0])
+    assert rel(plain, want) > 1e-4
     assert set_rope_scale(model, 0.25) >= 1
-    np.testing.assert_array_equal(np.asarray(generate(model, prompt, 12)), want)
+    np.testing.assert_allclose(np.asarray(model(prompt)[0]), want, rtol=1e-6, atol=1e-6)
     set_rope_scale(model, 1.0)
-    np.testing.assert_array_equal(np.asarray(generate(model, prompt, 12)), plain)
+    if pattern == "MA":  # the scale is in the graph: jitted generation recompiles for it
+        before = np.asarray(generate(model, prompt, 8))
+        assert set_rope_scale(model, 0.25) == 1
+        np.testing.assert_array_equal(
+            np.asarray(generate(model, prompt, 8)), np.asarray(generate(scaled, prompt, 8))
+        )
+        set_rope_scale(model, 1.0)
+        np.testing.assert_array_equal(np.asarray(generate(model, prompt, 8)), before)
     with pytest.raises(ValueError, match="rope scale must be > 0"):
         set_rope_scale(model, 0.0)
     with pytest.raises(ConfigError, match="model.rope_scale must be > 0"):
@@ -146,6 +151,7 @@ def test_errors_are_clear():
         generate(model, jnp.zeros((1, 0), jnp.int32), 3)
 
 
+@pytest.mark.slow  # 1-2 min per memory on 2 cores; CI runs it in `make test-full`
 @pytest.mark.parametrize("memory", ["gated_deltanet", "titans_mac"])
 def test_remat_gives_the_same_loss_and_gradients(memory):
     over = [f"model={memory}", "model.d_model=32", "model.n_layers=2", "model.vocab_size=264"]
