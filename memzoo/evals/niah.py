@@ -473,12 +473,11 @@ def run_cell(ctx: Any, s: Settings, cell: dict) -> dict:
         base_scale = float(ctx.cfg.model.rope_scale)
         scale = base_scale * min(1.0, int(ctx.cfg.seq_len) / int(cell["length"]))
         set_rope_scale(ctx.model, scale)
-        try:
-            outs = ctx.generate([x.ids for x in samples], max_new)
-        finally:
-            set_rope_scale(ctx.model, base_scale)
-    else:
+    try:
         outs = ctx.generate([x.ids for x in samples], max_new)
+    finally:
+        if scale is not None:
+            set_rope_scale(ctx.model, base_scale)
     eos = getattr(tok, "eos_id", None)
     examples = []
     sm, em = [], []

@@ -115,6 +115,7 @@ def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int, *, dtype, param_dty
             cfg.attn_kv_heads or cfg.attn_heads,
             window=cfg.attn_window,
             rope_theta=cfg.rope_theta,
+            rope_scale=cfg.rope_scale,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
@@ -208,8 +209,6 @@ class LM(nnx.Module):
             )
         else:
             self.head = None
-        if cfg.rope_scale != 1.0:
-            set_rope_scale(self, cfg.rope_scale)
 
     def init_cache(self, batch_size: int, max_len: int) -> list:
         """Per-layer caches: KV buffers for attention, conv tail + state for memories; with
