@@ -124,6 +124,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     max_skipped_steps: int = 10
     progress: bool = True
+    init_from: str = ""
 
 
 @dataclass

@@ -118,25 +118,16 @@ def load_run(path: str | Path, step: int | None = None) -> tuple[Any, Any, Path]
     return model, cfg, run_dir
 
 
-def _leaf_key(path: tuple) -> str:
-    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    return ".".join(p for p in parts if p != "value")
-
-
 def _check_saved_shapes(run_dir: Path, step: int | None) -> None:
     """Compare the config's parameter shapes with the checkpoint's metadata before restoring
     (orbax reports a mismatch from background tasks, with tracebacks on stderr). Best effort:
     anything unreadable is left to ``memzoo.load``."""
-    import logging
-
-    import jax
-
     try:
-        import orbax.checkpoint as ocp
         from flax import nnx
 
         from memzoo.api import load_config
         from memzoo.models.lm import build_model
+        from memzoo.train.checkpoint import saved_param_shapes, shape_mismatches
 
         cfg = load_config(run_dir)
         ckpts = Path(run_dir) / "checkpoints"
@@ -147,31 +138,13 @@ def _check_saved_shapes(run_dir: Path, step: int | None) -> None:
             step = steps[-1] if steps else None
         if step is None or step not in steps:
             return
-        absl = logging.getLogger("absl")
-        level = absl.level
-        absl.setLevel(logging.ERROR)  # "metadata file does not exist" for the item directory
-        try:
-            meta = ocp.StandardCheckpointer().metadata(ckpts / str(step) / "params")
-        finally:
-            absl.setLevel(level)
-        meta = getattr(meta, "item_metadata", meta)
-        saved = {_leaf_key(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(meta)}
+        saved = saved_param_shapes(ckpts / str(step))
         if not saved:  # no readable tree metadata: leave the check to the restore itself
             return
-        abstract = nnx.eval_shape(lambda: build_model(cfg.model, seed=cfg.seed))
-        _, template = nnx.split(abstract)
-        wanted = {
-            _leaf_key(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(template)
-        }
+        _, template = nnx.split(nnx.eval_shape(lambda: build_model(cfg.model, seed=cfg.seed)))
+        problems = shape_mismatches(template, saved)
     except Exception:
         return
-    problems = [f"{k} missing in the checkpoint" for k in wanted if k not in saved]
-    problems += [f"{k} not in the model" for k in saved if k not in wanted]
-    problems += [
-        f"{k} is {wanted[k]} in the config but {saved[k]} in the checkpoint"
-        for k in wanted
-        if k in saved and wanted[k] != saved[k]
-    ]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise EvalError(

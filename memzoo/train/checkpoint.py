@@ -27,6 +27,14 @@ class Checkpointer:
             ),
         )
 
+    @staticmethod
+    def has_checkpoint(directory: Path) -> bool:
+        """Whether ``directory`` holds a complete checkpoint (without opening a manager)."""
+        directory = Path(directory)
+        return directory.is_dir() and any(
+            d.name.isdigit() and (d / "params").is_dir() for d in directory.iterdir()
+        )
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
@@ -90,3 +98,63 @@ def restore_params(
         return out["params"], step
     finally:
         manager.close()
+
+
+def leaf_key(path: tuple) -> str:
+    """A parameter's dotted name from a pytree key path (``layers.0.mixer.q.kernel``)."""
+    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return ".".join(p for p in parts if p != "value")
+
+
+def saved_param_shapes(step_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape from a checkpoint's metadata, without reading the arrays
+    (empty when the metadata cannot be read)."""
+    import logging
+
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # "metadata file does not exist" for the item directory
+    try:
+        meta = ocp.StandardCheckpointer().metadata(Path(step_dir).absolute() / "params")
+    except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself will say
+        return {}
+    finally:
+        absl.setLevel(level)
+    meta = getattr(meta, "item_metadata", meta)
+    return {leaf_key(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(meta)}
+
+
+def shape_mismatches(template: Any, saved: dict[str, tuple[int, ...]]) -> list[str]:
+    """How the parameter tree ``template`` differs from ``saved`` shapes, one line each."""
+    wanted = {leaf_key(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(template)}
+    problems = [f"{k} missing in the checkpoint" for k in wanted if k not in saved]
+    problems += [f"{k} not in the model" for k in saved if k not in wanted]
+    problems += [
+        f"{k} is {wanted[k]} in the config but {saved[k]} in the checkpoint"
+        for k in wanted
+        if k in saved and wanted[k] != saved[k]
+    ]
+    return problems
+
+
+def resolve_init_from(path: str | Path) -> tuple[Path, int]:
+    """(checkpoints directory, step) for ``train.init_from``: a run directory (its latest
+    complete checkpoint) or a ``RUN/checkpoints/STEP`` directory."""
+    path = Path(path).expanduser()
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        directory, step = path.parent, int(path.name)
+        if not (path / "params").is_dir():
+            raise FileNotFoundError(f"train.init_from: no checkpoint at {path}")
+        return directory, step
+    directory = path / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"train.init_from: {path} is neither a run directory (with checkpoints/) nor a "
+            "checkpoints/STEP directory"
+        )
+    steps = sorted(
+        int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / "params").is_dir()
+    )
+    if not steps:
+        raise FileNotFoundError(f"train.init_from: no complete checkpoint in {directory}")
+    return directory, steps[-1]

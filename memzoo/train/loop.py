@@ -31,7 +31,13 @@ from memzoo.data import build_tokenizer, heldout_batches
 from memzoo.evaluate import heldout_metrics
 from memzoo.models.lm import build_model, describe
 from memzoo.train import distributed
-from memzoo.train.checkpoint import Checkpointer
+from memzoo.train.checkpoint import (
+    Checkpointer,
+    resolve_init_from,
+    restore_params,
+    saved_param_shapes,
+    shape_mismatches,
+)
 from memzoo.train.metrics import MetricsWriter, flops_per_token
 from memzoo.train.optim import make_optimizer
 from memzoo.train.sharding import (
@@ -102,6 +108,23 @@ def _check_resume_compatible(cfg: Config, saved_path: Path) -> None:
                 f"run '{cfg.run_name}' already exists with data.{key}="
                 f"{saved.get('data', {}).get(key)!r}; use another run_name"
             )
+
+
+def _check_init_from(cfg: Config, abstract: Any) -> tuple[Path, int] | None:
+    """(checkpoints dir, step) of ``train.init_from`` when it will be used (the run has no
+    checkpoint of its own yet), after checking its parameter shapes against the model."""
+    if Checkpointer.has_checkpoint(cfg.run_dir / "checkpoints"):
+        return None  # a rerun resumes its own checkpoint
+    directory, step = resolve_init_from(cfg.train.init_from)
+    saved = saved_param_shapes(directory / str(step))
+    problems = shape_mismatches(abstract, saved) if saved else []
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(
+            f"train.init_from={cfg.train.init_from}: the checkpoint of step {step} does not fit "
+            f"this model: {problems[0]}{more}"
+        )
+    return directory, step
 
 
 def _log(msg: str) -> None:
@@ -175,6 +198,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
         nnx.eval_shape(lambda: build_model(cfg.model, seed=cfg.seed, precision=cfg.train.precision))
     )
     validate_shardings(mesh, abstract, cfg)  # one-line errors before anything is placed
+    init_from = _check_init_from(cfg, abstract) if cfg.train.init_from else None
     data = distributed.HostData(cfg, tokenizer, b_sh)
     if jax.process_count() > 1:  # everyone has checked the saved config before it changes
         multihost_utils.sync_global_devices("memzoo:config-checked")
@@ -216,6 +240,10 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
         start = int(data_state["step"])
         if main:
             _log(f"resuming run '{cfg.run_name}' from step {start} ({run_dir / 'checkpoints'})")
+    elif init_from is not None:
+        params, _ = restore_params(init_from[0], params, init_from[1])
+        if main:
+            _log(f"initialised parameters from step {init_from[1]} of {init_from[0].parent}")
 
     r = rules(cfg)
     train_step = make_train_step(

@@ -434,6 +434,45 @@ def test_bf16_trains(tmp_path):
     assert math.isfinite(summary["heldout_bpb"])
 
 
+def test_init_from_starts_a_new_run_from_the_parameters(base_run, tmp_path):
+    cfg, full = base_run
+    src = f"train.init_from={cfg.run_dir}"
+    first = train(make_cfg(tmp_path, "run_name=ft", src), stop_at=2)
+    run_dir = make_cfg(tmp_path, "run_name=ft").run_dir
+    # step 0's held-out loss is the source run's final one: its parameters were loaded
+    step0 = [r for r in read_metrics(run_dir) if r.get("step") == 0 and "heldout_loss" in r]
+    assert step0[0]["heldout_loss"] == pytest.approx(full["heldout_loss"], rel=1e-6)
+    # a new run: fresh optimiser (warmup from lr 0) and step counter, its own losses
+    assert first["start_step"] == 0
+    recs = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert recs[0]["lr"] == 0.0
+    assert first["losses"][0] < full["losses"][0] - 0.2, (first["losses"], full["losses"])
+    # the rerun resumes the run's own checkpoint and does not reload the source
+    second = train(make_cfg(tmp_path, "run_name=ft", src), stop_at=3)
+    assert second["start_step"] == 2 and len(second["losses"]) == 1
+
+    # a checkpoints/STEP directory names the step
+    by_step = train(
+        make_cfg(tmp_path, "run_name=ft2", f"train.init_from={cfg.run_dir}/checkpoints/{STEPS}"),
+        stop_at=1,
+    )
+    assert by_step["losses"] == first["losses"][:1]
+
+
+def test_init_from_errors(base_run, tmp_path):
+    from memzoo.config import ConfigError
+
+    cfg, _ = base_run
+    with pytest.raises(FileNotFoundError, match="train.init_from: .* neither a run directory"):
+        train(make_cfg(tmp_path, f"train.init_from={tmp_path / 'nowhere'}"))
+    with pytest.raises(FileNotFoundError, match="train.init_from: no checkpoint at"):
+        train(make_cfg(tmp_path, f"train.init_from={cfg.run_dir}/checkpoints/7"))
+    wider = f"model.d_model={cfg.model.d_model * 2}"
+    with pytest.raises(ConfigError, match=r"does not fit this model: .* is \("):
+        train(make_cfg(tmp_path, "run_name=w", wider, f"train.init_from={cfg.run_dir}"))
+    assert not (tmp_path / "w").exists()  # refused before the run directory was written
+
+
 # ----------------------------------------------------------------------------- restore
 
 
