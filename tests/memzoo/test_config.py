@@ -40,6 +40,17 @@ def model_sizes():
 # ----------------------------------------------------------------------------- resolution
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=str)
+def test_every_shipped_training_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.run_name == path.stem  # run_name decides where the outputs go
+    raw = yaml.safe_load(path.read_text())
+    if isinstance(raw.get("model"), dict):  # a model spelled out, not a preset name
+        for key, value in raw["model"].items():
+            if key != "preset":
+                assert getattr(cfg.model, key) == value, f"{path.name}: model.{key}"
+
+
 def test_base_plus_quickstart_resolves():
     cfg = quick()
     raw = yaml.safe_load(QUICKSTART.read_text())
