@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiers import core_first
 
 from pallas_kernels.ops.gradient_memory import (
     GradientMemorySpec,
@@ -45,6 +46,11 @@ COMBOS = {
     "atlas_pp": (GradientMemorySpec(arch=GATED, muon=True, window=2), ("eta", "mu", "gamma")),
 }
 NAMES = list(COMBOS)
+# the MLP-memory combinations beyond Titans and ATLAS compile slowly: their per-token,
+# gradient and carry checks run in the full tier (tests/support/tiers.py); the chunked form of
+# every combination is checked in the default tier
+HEAVY = ("ttt_mlp", "moneta", "yaad", "memora", "atlas_pp")
+TIERED = core_first(NAMES, HEAVY)
 
 
 def rel(a, b):
@@ -202,7 +208,7 @@ def per_token_reference(spec, arrays, gates, params):
     return jnp.stack(ys, 1), A
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TIERED)
 def test_chunk_one_equals_per_token_autodiff_model(name):
     spec, arrays, gates, params = make(name, 9, seed=1)
     y_ref, a_ref = per_token_reference(spec, arrays, gates, params)
@@ -212,7 +218,7 @@ def test_chunk_one_equals_per_token_autodiff_model(name):
         assert tree_rel(st["A"], a_ref) < 1e-4, (name, impl)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TIERED)
 def test_gradients_of_every_input_agree(name):
     spec, arrays, gates, params = make(name, 11, seed=2)
     _, st = run(spec, sliced(arrays, 0, 3), sliced(gates, 0, 3), params, chunk_size=4, impl="scan")
@@ -253,7 +259,7 @@ def test_gradients_of_every_input_agree(name):
             assert float(jnp.linalg.norm(x)) > 0, (name, jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("name", ["titans_mlp", "omeganet", "atlas", "moneta"])
+@pytest.mark.parametrize("name", core_first(["titans_mlp", "omeganet", "atlas", "moneta"], HEAVY))
 def test_split_carry_and_steps_equal_whole(name):
     spec, arrays, gates, params = make(name, 19, seed=4)
     kw = dict(chunk_size=4, impl="xla")

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from tiers import CORE_GRADIENT_PRESETS, core_first
 from tiny_runs import TINY_DATA
 
 from memzoo.config import ConfigError, load_config
@@ -44,7 +45,16 @@ TITANS = {  # the Titans combinations with attention, small segments and windows
 }
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS) + sorted(TITANS))
+# titans_lmm, atlas and ttt_linear (tests/support/tiers.py) and the cheapest Titans
+# combination train in the default tier; every preset in the full tier
+@pytest.mark.parametrize(
+    "name",
+    core_first(
+        sorted(PRESETS) + sorted(TITANS),
+        heavy=[*PRESETS, *TITANS],
+        core=[*CORE_GRADIENT_PRESETS, "titans_mal"],
+    ),
+)
 def test_each_preset_trains_with_falling_loss(name):
     cfg = tiny(name, *TITANS.get(name, ()))
     cfg.model.vocab_size = V

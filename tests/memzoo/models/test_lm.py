@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiers import CORE_GRADIENT_PRESETS
 
 from memzoo.config import ConfigError, load_config
 from memzoo.generate import generate, sample_token
 from memzoo.memories import memory_names
+from memzoo.memories.gradient import PRESETS
 from memzoo.models.lm import build_model, count_params, set_rope_scale
 
 V = 61
@@ -41,7 +43,14 @@ CASES = [(f"model.memory={m}", "model.pattern=M") for m in memory_names()] + [
 ]
 
 
-@pytest.mark.parametrize("overrides", CASES, ids=lambda o: "-".join(x.split("=")[1] for x in o))
+def _case(overrides):  # non-core gradient presets in the full tier (tests/support/tiers.py)
+    memory = next((o.split("=")[1] for o in overrides if o.startswith("model.memory=")), "")
+    slow = memory in PRESETS and memory not in CORE_GRADIENT_PRESETS
+    name = "-".join(x.split("=")[1] for x in overrides)
+    return pytest.param(overrides, id=name, marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("overrides", [_case(c) for c in CASES])
 def test_prefill_then_decode_equals_full_forward(overrides):
     model = build_model(tiny(*overrides), seed=1)
     gd, st = nnx.split(model)
@@ -112,7 +121,7 @@ def test_untied_head_has_more_params():
     assert untied - tied == V * 32
 
 
-@pytest.mark.parametrize("pattern", ["MA", "titans_mag"])
+@pytest.mark.parametrize("pattern", ["MA", pytest.param("titans_mag", marks=pytest.mark.slow)])
 def test_rope_scale_from_config_and_set_on_a_built_model(pattern):
     kind = ["model.pattern=MA"] if pattern == "MA" else [f"model.memory={pattern}"]
     prompt = jnp.asarray([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]], jnp.int32)

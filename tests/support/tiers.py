@@ -1,0 +1,38 @@
+"""Which parametrizations run in the default tier (`make test`) and which only in the full one
+(`make test-full`, also run by CI).
+
+The gradient-memory presets compile slowly on a CPU (an ATLAS layer takes 20-30 s), and the
+same preset is checked at several levels (op, layer contract, model, training). The default
+tier runs every check on a core set that covers each code path of the four Miras choices at
+least once (linear and MLP memories, momentum, decay, the Omega window, Muon); the other
+presets run every check in the full tier.
+"""
+
+from collections.abc import Iterable
+
+import pytest
+
+# Titans LMM (MLP memory, momentum, decay) and ATLAS (Muon, Omega window) as models; TTT-linear
+# (a linear memory, plain GD). Moneta / Yaad / Memora (the lp, huber and normalised retention
+# choices), OmegaNet, ATLAS++ and TTT-MLP are covered in the default tier by the layer contract
+# (decode, carried cache, packed documents) and the op tests of the chunked form.
+CORE_GRADIENT_PRESETS = ("titans_lmm", "titans_mlp", "atlas", "ttt_linear")
+
+
+def core_first(
+    names: Iterable[str],
+    heavy: Iterable[str],
+    core: Iterable[str] = CORE_GRADIENT_PRESETS,
+    group: str | None = None,
+) -> list:
+    """``names`` as pytest params; those in ``heavy`` but not in ``core`` are marked slow.
+    ``group`` (a prefix) keeps each name's tests on one xdist worker (``--dist loadgroup``),
+    so a module-level cache of its compiled functions is built once."""
+    heavy, core = set(heavy), set(core)
+    out = []
+    for n in names:
+        marks = [pytest.mark.slow] if n in heavy and n not in core else []
+        if group is not None:
+            marks.append(pytest.mark.xdist_group(f"{group}-{n}"))
+        out.append(pytest.param(n, marks=marks, id=n))
+    return out
