@@ -14,8 +14,9 @@ import pytest
 
 # Titans LMM (MLP memory, momentum, decay) and ATLAS (Muon, Omega window) as models; TTT-linear
 # (a linear memory, plain GD). Moneta / Yaad / Memora (the lp, huber and normalised retention
-# choices), OmegaNet, ATLAS++ and TTT-MLP are covered in the default tier by the layer contract
-# (decode, carried cache, packed documents) and the op tests of the chunked form.
+# choices), OmegaNet, ATLAS++ and TTT-MLP are covered in the default tier by the layer
+# contract's decode == parallel check and by the op test of the chunked form (odd lengths, a
+# state carried from mid-chunk, packed documents); OmegaNet also by every op test.
 CORE_GRADIENT_PRESETS = ("titans_lmm", "titans_mlp", "atlas", "ttt_linear")
 
 
