@@ -127,13 +127,11 @@ def _check_saved_shapes(run_dir: Path, step: int | None) -> None:
 
         from memzoo.api import load_config
         from memzoo.models.lm import build_model
-        from memzoo.train.checkpoint import saved_param_shapes, shape_mismatches
+        from memzoo.train.checkpoint import complete_steps, saved_param_shapes, shape_mismatch
 
         cfg = load_config(run_dir)
         ckpts = Path(run_dir) / "checkpoints"
-        steps = sorted(
-            int(d.name) for d in ckpts.iterdir() if d.name.isdigit() and (d / "params").is_dir()
-        )
+        steps = complete_steps(ckpts)
         if step is None:
             step = steps[-1] if steps else None
         if step is None or step not in steps:
@@ -142,14 +140,13 @@ def _check_saved_shapes(run_dir: Path, step: int | None) -> None:
         if not saved:  # no readable tree metadata: leave the check to the restore itself
             return
         _, template = nnx.split(nnx.eval_shape(lambda: build_model(cfg.model, seed=cfg.seed)))
-        problems = shape_mismatches(template, saved)
+        problem = shape_mismatch(template, saved)
     except Exception:
         return
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    if problem:
         raise EvalError(
             f"the model in {run_dir}/config.yaml does not match the saved weights of step "
-            f"{step} (was the config edited?): {problems[0]}{more}"
+            f"{step} (was the config edited?): {problem}"
         )
 
 

@@ -27,14 +27,6 @@ class Checkpointer:
             ),
         )
 
-    @staticmethod
-    def has_checkpoint(directory: Path) -> bool:
-        """Whether ``directory`` holds a complete checkpoint (without opening a manager)."""
-        directory = Path(directory)
-        return directory.is_dir() and any(
-            d.name.isdigit() and (d / "params").is_dir() for d in directory.iterdir()
-        )
-
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
@@ -100,6 +92,18 @@ def restore_params(
         manager.close()
 
 
+def complete_steps(directory: Path) -> list[int]:
+    """The steps with a complete checkpoint in ``directory`` (sorted; [] when it is missing),
+    read from the directory names without opening a manager: orbax renames a step's
+    directory to ``<step>`` only once its save is complete."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(
+        int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / "params").is_dir()
+    )
+
+
 def leaf_key(path: tuple) -> str:
     """A parameter's dotted name from a pytree key path (``layers.0.mixer.q.kernel``)."""
     parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
@@ -124,8 +128,9 @@ def saved_param_shapes(step_dir: Path) -> dict[str, tuple[int, ...]]:
     return {leaf_key(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(meta)}
 
 
-def shape_mismatches(template: Any, saved: dict[str, tuple[int, ...]]) -> list[str]:
-    """How the parameter tree ``template`` differs from ``saved`` shapes, one line each."""
+def shape_mismatch(template: Any, saved: dict[str, tuple[int, ...]]) -> str | None:
+    """How the parameter tree ``template`` differs from ``saved`` shapes, in one line (the
+    first difference and how many more); None when they agree."""
     wanted = {leaf_key(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(template)}
     problems = [f"{k} missing in the checkpoint" for k in wanted if k not in saved]
     problems += [f"{k} not in the model" for k in saved if k not in wanted]
@@ -134,7 +139,10 @@ def shape_mismatches(template: Any, saved: dict[str, tuple[int, ...]]) -> list[s
         for k in wanted
         if k in saved and wanted[k] != saved[k]
     ]
-    return problems
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0] + more
 
 
 def resolve_init_from(path: str | Path) -> tuple[Path, int]:
@@ -152,9 +160,7 @@ def resolve_init_from(path: str | Path) -> tuple[Path, int]:
             f"train.init_from: {path} is neither a run directory (with checkpoints/) nor a "
             "checkpoints/STEP directory"
         )
-    steps = sorted(
-        int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / "params").is_dir()
-    )
+    steps = complete_steps(directory)
     if not steps:
         raise FileNotFoundError(f"train.init_from: no complete checkpoint in {directory}")
     return directory, steps[-1]

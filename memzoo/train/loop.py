@@ -33,10 +33,11 @@ from memzoo.models.lm import build_model, describe
 from memzoo.train import distributed
 from memzoo.train.checkpoint import (
     Checkpointer,
+    complete_steps,
     resolve_init_from,
     restore_params,
     saved_param_shapes,
-    shape_mismatches,
+    shape_mismatch,
 )
 from memzoo.train.metrics import MetricsWriter, flops_per_token
 from memzoo.train.optim import make_optimizer
@@ -113,16 +114,15 @@ def _check_resume_compatible(cfg: Config, saved_path: Path) -> None:
 def _check_init_from(cfg: Config, abstract: Any) -> tuple[Path, int] | None:
     """(checkpoints dir, step) of ``train.init_from`` when it will be used (the run has no
     checkpoint of its own yet), after checking its parameter shapes against the model."""
-    if Checkpointer.has_checkpoint(cfg.run_dir / "checkpoints"):
+    if complete_steps(cfg.run_dir / "checkpoints"):
         return None  # a rerun resumes its own checkpoint
     directory, step = resolve_init_from(cfg.train.init_from)
     saved = saved_param_shapes(directory / str(step))
-    problems = shape_mismatches(abstract, saved) if saved else []
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    problem = shape_mismatch(abstract, saved) if saved else None
+    if problem:
         raise ConfigError(
             f"train.init_from={cfg.train.init_from}: the checkpoint of step {step} does not fit "
-            f"this model: {problems[0]}{more}"
+            f"this model: {problem}"
         )
     return directory, step
 

@@ -20,6 +20,13 @@ import pytest
 CORE_GRADIENT_PRESETS = ("titans_lmm", "titans_mlp", "atlas", "ttt_linear")
 
 
+def tier_marks(
+    name: str, heavy: Iterable[str], core: Iterable[str] = CORE_GRADIENT_PRESETS
+) -> list:
+    """[slow] for a ``heavy`` name outside ``core``, else []."""
+    return [pytest.mark.slow] if name in set(heavy) and name not in set(core) else []
+
+
 def core_first(
     names: Iterable[str],
     heavy: Iterable[str],
@@ -29,10 +36,9 @@ def core_first(
     """``names`` as pytest params; those in ``heavy`` but not in ``core`` are marked slow.
     ``group`` (a prefix) keeps each name's tests on one xdist worker (``--dist loadgroup``),
     so a module-level cache of its compiled functions is built once."""
-    heavy, core = set(heavy), set(core)
     out = []
     for n in names:
-        marks = [pytest.mark.slow] if n in heavy and n not in core else []
+        marks = tier_marks(n, heavy, core)
         if group is not None:
             marks.append(pytest.mark.xdist_group(f"{group}-{n}"))
         out.append(pytest.param(n, marks=marks, id=n))

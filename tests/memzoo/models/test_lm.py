@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiers import CORE_GRADIENT_PRESETS
+from tiers import tier_marks
 
 from memzoo.config import ConfigError, load_config
 from memzoo.generate import generate, sample_token
@@ -45,9 +45,8 @@ CASES = [(f"model.memory={m}", "model.pattern=M") for m in memory_names()] + [
 
 def _case(overrides):  # non-core gradient presets in the full tier (tests/support/tiers.py)
     memory = next((o.split("=")[1] for o in overrides if o.startswith("model.memory=")), "")
-    slow = memory in PRESETS and memory not in CORE_GRADIENT_PRESETS
     name = "-".join(x.split("=")[1] for x in overrides)
-    return pytest.param(overrides, id=name, marks=[pytest.mark.slow] if slow else [])
+    return pytest.param(overrides, id=name, marks=tier_marks(memory, heavy=PRESETS))
 
 
 @pytest.mark.parametrize("overrides", [_case(c) for c in CASES])
