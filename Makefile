@@ -9,7 +9,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2 --dist loadgroup
 # The suite compiles hundreds of tiny programs: cheaper XLA CPU compiles, same fp32 semantics.
-TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
+# The classic (non-thunk) CPU runtime without the new fusion emitters compiles the memories'
+# scans about 2x faster (default tier 20.6 -> 9.7 min on 2 cores). jax marks the first flag
+# deprecated, so a jax that no longer knows either flag falls back to the base set (the check
+# runs once per `make test`, ~2 s).
+BASE_XLA_FLAGS := --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
+FAST_XLA_FLAGS := --xla_cpu_use_thunk_runtime=false --xla_cpu_use_fusion_emitters=false
+TEST_XLA_FLAGS ?= $(shell XLA_FLAGS="$(BASE_XLA_FLAGS) $(FAST_XLA_FLAGS)" JAX_PLATFORMS=cpu \
+	$(BIN)/python -c "import jax.numpy as n; n.zeros(1).block_until_ready()" >/dev/null 2>&1 \
+	&& echo "$(BASE_XLA_FLAGS) $(FAST_XLA_FLAGS)" || echo "$(BASE_XLA_FLAGS)")
 
 .PHONY: install quickstart test test-full test-tpu-compile tpu-tools lint format clean
 
