@@ -3,6 +3,7 @@
 # and keep one JSON report per (config, topology) in experiments/results/pod_compile/.
 #
 #   make tpu-tools && bash experiments/compile_pods.sh [NAME_FILTER]
+#   SIZES="1.3b 760m" bash experiments/compile_pods.sh     # these sizes, in this order
 #
 # Resumable: a pair whose report exists is skipped, so rerunning picks up where a stopped run
 # left off; several copies can run at once (a pair being compiled holds NAME.running). Smallest
@@ -14,7 +15,7 @@ OUT=experiments/results/pod_compile
 mkdir -p "$OUT"
 MEMZOO=${MEMZOO:-.venv/bin/memzoo}
 FILTER=${1:-}
-for size in 170m 340m 760m 1.3b; do
+for size in ${SIZES:-170m 340m 760m 1.3b}; do
   for family in hybrid_gdn titans_mac mom; do
     cfg=configs/pods/${family}_${size}.yaml
     [[ -n "$FILTER" && "$cfg" != *"$FILTER"* ]] && continue
