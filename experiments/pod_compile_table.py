@@ -19,22 +19,35 @@ GIB = 1024**3
 
 
 def row(r: dict) -> str:
-    m = r["memory_per_device"]
-    roof = r.get("roofline") or {}
-    fl = r.get("flops") or {}
+    """One table row; a report of a step that does not fit has no roofline, and one where the
+    TPU compiler itself ran out of memory has no memory analysis either (its error instead)."""
     fits = "yes" if r.get("fits") else "**no**"
-    mem = (
-        f"{m['total'] / GIB:.2f} of {r['chip']['hbm_gib']} GiB ({100 * r['hbm_fraction']:.1f}%); "
-        f"temps {m['temps'] / GIB:.2f}, code {m['code'] / GIB:.2f}"
-    )
-    if not roof:
-        return f"| {r['config']} | {r['topology']} | {fits} | {mem} | – | – | – | – | – |"
+    where = f"{r['topology']} ({r['devices']} chips)"
+    m = r.get("memory_per_device")
+    if m:
+        mem = (
+            f"{m['total'] / GIB:.2f} of {r['chip']['hbm_gib']} GiB "
+            f"({100 * r['hbm_fraction']:.1f}%); temps {m['temps'] / GIB:.2f}, "
+            f"code {m['code'] / GIB:.2f}"
+        )
+    else:
+        mem = "TPU compiler: " + r.get("compiler_error", "no memory analysis")[:120].replace(
+            "|", "/"
+        )
+    roof, fl = r.get("roofline"), r.get("flops")
+    if roof and fl:
+        flops = (
+            f"{fl['xla_total'] / 1e12:,.0f} / {fl['traced_matmul_total'] / 1e12:,.0f} "
+            f"/ {fl['model_per_step'] / 1e12:,.0f}"
+        )
+        step, mfu = f"{1e3 * roof['step_s']:.1f} ms ({roof['bound']})", f"{100 * r['mfu']:.1f}%"
+    else:
+        flops = step = mfu = "–"
+    compile_s = (r.get("seconds") or {}).get("compile")
+    took = f"{compile_s:.0f} s" if compile_s is not None else "–"
     return (
-        f"| {r['config']} | {r['topology']} ({r['devices']} chips) | {fits} | {mem} "
-        f"| {fl['xla_total'] / 1e12:,.0f} / {fl['traced_matmul_total'] / 1e12:,.0f} "
-        f"/ {fl['model_per_step'] / 1e12:,.0f} "
-        f"| {1e3 * roof['step_s']:.1f} ms ({roof['bound']}) | {100 * r['mfu']:.1f}% "
-        f"| {r['params'] / 1e6:,.0f}M | {r['seconds']['compile']:.0f} s |"
+        f"| {r['config']} | {where} | {fits} | {mem} | {flops} | {step} | {mfu} "
+        f"| {r['params'] / 1e6:,.0f}M | {took} |"
     )
 
 

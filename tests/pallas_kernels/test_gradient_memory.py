@@ -137,7 +137,7 @@ def test_chunked_equals_scan_surrogate(name):
     ys, ss = run(spec, rest_a, rest_g, params, impl="scan", chunk_size=c)
     yx, sx = run(spec, rest_a, rest_g, params, impl="xla", chunk_size=c)
     # Memora's multiplicative (softmax) update amplifies fp32 rounding in the state: 1.6e-5 to
-    # 1.0e-4 here depending on the XLA CPU runtime flags, against < 1e-5 for the others.
+    # 1.0e-4 here depending on the XLA CPU runtime flags, against <= 2.3e-5 for the others.
     state_tol = 3e-4 if name == "memora" else 1e-4
     assert rel(yx, ys) < 1e-4 and tree_rel(sx, ss) < state_tol, (name, c)
 
