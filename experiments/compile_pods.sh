@@ -6,9 +6,9 @@
 #   SIZES="1.3b 760m" bash experiments/compile_pods.sh     # these sizes, in this order
 #
 # Resumable: a pair whose report exists is skipped, so rerunning picks up where a stopped run
-# left off; several copies can run at once (a pair being compiled holds NAME.running). Smallest
-# sizes first. Each compile's log (stderr and the printed report) is kept
-# beside its JSON; a compile that does not fit (exit 3) still writes its report.
+# left off; several copies can run at once (a pair being compiled holds NAME.running).
+# Smallest sizes first. Each compile's log (stderr and the printed report) is kept beside its
+# JSON; a compile that does not fit (exit 3) still writes its report.
 set -u
 cd "$(dirname "$0")/.."
 OUT=experiments/results/pod_compile
