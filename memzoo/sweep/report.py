@@ -7,8 +7,9 @@ every cell as ``<eval>.<metric>.<cell>``), training wall time (``status.json``) 
 (the median logged rate). With ``lr_sweep`` the best learning rate of each cell is marked.
 
 Plots (matplotlib, Agg): accuracy vs model width per architecture, faceted by sequence length
-(Zoology's figure; when ``model.d_model`` varies and an accuracy metric exists), the training
-loss curves overlaid, and a grid of the runs' NIAH depth x length heatmaps.
+(Zoology's figure; when ``model.d_model`` varies and an accuracy metric exists; otherwise a
+bar per run and eval cell), the training loss curves overlaid, and a grid of the runs' NIAH
+depth x length heatmaps.
 ``memzoo report SWEEP_DIR`` rebuilds all of it from the files.
 """
 
@@ -329,6 +330,45 @@ def plot_accuracy_vs_width(
     return _save(plt, fig, out / "accuracy_vs_width.png")
 
 
+def plot_accuracy_by_run(
+    sweep: Sweep, rows: list[dict[str, Any]], cols: list[str], out: Path
+) -> Path | None:
+    """For a sweep without a width axis (an ablation, a ratio study): one group of horizontal
+    bars per run, one bar per cell of its accuracy eval (e.g. ``T128.kv8``), in sweep order."""
+    metric = accuracy_metric(sweep, cols)
+    if metric is None:
+        return None
+    cells = [c for c in cols if c.startswith(metric + ".")]
+    series = cells or [metric]
+    pts = [r for r in rows if any(_number(r.get(c)) is not None for c in series)]
+    if sweep.lr_sweep:
+        pts = [r for r in pts if r.get("best_lr")]
+    if not pts:
+        return None
+    plt = _pyplot()
+    n, k = len(pts), len(series)
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.22 * n * max(k, 2)), layout="constrained")
+    height = 0.8 / k
+    cmap = plt.get_cmap("tab10")
+    for j, c in enumerate(series):
+        ys = [i + (j - (k - 1) / 2) * height for i in range(n)]
+        vals = [_number(r.get(c)) for r in pts]
+        label = c[len(metric) + 1 :] if c != metric else metric
+        ax.barh(ys, [v or 0.0 for v in vals], height=height, color=cmap(j % 10), label=label)
+        for y, v in zip(ys, vals):
+            if v is not None:
+                ax.text(v + 0.01, y, f"{100 * v:.1f}%", va="center", fontsize=6)
+    ax.set_yticks(range(n), [r["run"] for r in pts], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel(metric + (" (best lr)" if sweep.lr_sweep else ""))
+    ax.grid(True, axis="x", alpha=0.3)
+    if k > 1:
+        fig.legend(fontsize=7, frameon=False, loc="outside lower center", ncol=min(k, 4))
+    ax.set_title(sweep.name, fontsize=9)
+    return _save(plt, fig, out / "accuracy_by_run.png")
+
+
 def plot_loss_curves(
     sweep: Sweep, rows: list[dict[str, Any]], sweep_dir: Path, out: Path
 ) -> Path | None:
@@ -569,6 +609,7 @@ def markdown(
         out += ["## Plots", ""]
         titles = {
             "accuracy_vs_width.png": "Accuracy vs model width",
+            "accuracy_by_run.png": "Accuracy per run",
             "loss_curves.png": "Training loss",
             "niah_heatmaps.png": "NIAH heatmaps",
         }
@@ -605,7 +646,8 @@ def build_report(path: str | Path, root: str | Path = "sweeps") -> dict[str, Any
     plots = [
         p
         for p in (
-            plot_accuracy_vs_width(sweep, rows, cols, out),
+            plot_accuracy_vs_width(sweep, rows, cols, out)
+            or plot_accuracy_by_run(sweep, rows, cols, out),
             plot_loss_curves(sweep, rows, sweep_dir, out),
             plot_niah_grid(sweep, rows, sweep_dir, out),
         )

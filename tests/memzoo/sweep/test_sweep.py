@@ -362,6 +362,31 @@ def test_report_plots_and_best_lr_from_run_files(tmp_path):
                           "optim.lr"]  # fmt: skip
 
 
+def test_ablation_sweep_gets_accuracy_per_run_bars(tmp_path):
+    """No width axis: the accuracy figure is a bar per run and eval cell, not Zoology's."""
+    spec = {
+        "name": "abl",
+        "runs": [{"model": "titans_lmm"}, {"model": "titans_lmm", "model.chunk_size": 4}],
+        "evals": [{"task": "mqar"}],
+    }
+    sweep_dir = tmp_path / "abl"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    runs = expand(parse_sweep(spec), tmp_path, validate=False)
+    for i, r in enumerate(runs):
+        _fake_run(sweep_dir / "runs" / r.name, 2.0, 0.0, 0.0)
+        cells = [{"seq_len": t, "num_pairs": t // 16, "accuracy": 0.2 * i + t / 1000}
+                 for t in (128, 256)]  # fmt: skip
+        res = sweep_dir / "runs" / r.name / "evals" / "mqar" / "results.json"
+        res.write_text(json.dumps({"step": 10, "cells": cells}))
+    out = build_report(sweep_dir)
+    assert [p.name for p in out["plots"]] == ["accuracy_by_run.png", "loss_curves.png"]
+    assert (sweep_dir / "plots" / "accuracy_by_run.png").stat().st_size > 1000
+    assert "### Accuracy per run" in (sweep_dir / "report.md").read_text()
+    row = out["rows"][1]
+    assert row["mqar.accuracy.T256.kv16"] == pytest.approx(0.456)
+
+
 def test_flatten_eval_means_and_cells():
     rec = {"cells": [{"length": 256, "bpb": 2.0, "loss": 1.0}, {"length": 512, "bpb": 3.0}]}
     flat = flatten_eval("ppl", "ppl", rec)
