@@ -315,6 +315,9 @@ def test_a_dead_process_stops_the_other(tmp_path):
                 p.communicate()
     assert procs[0].returncode != 0
     assert "RESULT" not in err
-    # JAX's coordination service aborts the survivor from its C++ error-polling thread (no
-    # Python hook exists to wrap it); its message names the cause and the dead task.
-    assert "stopped sending heartbeats" in err and "another task died" in err, err[-3000:]
+    # The survivor is aborted from C++ (no Python hook exists to wrap it), by whichever notices
+    # first: JAX's coordination service (missed heartbeats) or, when the survivor is inside a
+    # collective, gloo's TCP transport reading from the dead peer's closed socket.
+    heartbeat = "stopped sending heartbeats" in err and "another task died" in err
+    transport = "gloo" in err and "terminate called" in err
+    assert heartbeat or transport, err[-3000:]
