@@ -29,6 +29,12 @@ import yaml
 from memzoo.sweep.spec import Sweep, SweepError, expand, parse_sweep
 
 PLOTS_DIR = "plots"
+PLOT_TITLES = {  # every figure a report can draw, by file name
+    "accuracy_vs_width.png": "Accuracy vs model width",
+    "accuracy_by_run.png": "Accuracy per run",
+    "loss_curves.png": "Training loss",
+    "niah_heatmaps.png": "NIAH heatmaps",
+}
 BASE_COLUMNS = (
     "status",
     "params",
@@ -607,15 +613,9 @@ def markdown(
         out.append("")
     if plots:
         out += ["## Plots", ""]
-        titles = {
-            "accuracy_vs_width.png": "Accuracy vs model width",
-            "accuracy_by_run.png": "Accuracy per run",
-            "loss_curves.png": "Training loss",
-            "niah_heatmaps.png": "NIAH heatmaps",
-        }
         for p in plots:
             rel = p.relative_to(sweep_dir).as_posix()
-            out += [f"### {titles.get(p.name, p.stem)}", "", f"![{p.stem}]({rel})", ""]
+            out += [f"### {PLOT_TITLES.get(p.name, p.stem)}", "", f"![{p.stem}]({rel})", ""]
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         out += ["## Failed runs", ""]
@@ -653,6 +653,8 @@ def build_report(path: str | Path, root: str | Path = "sweeps") -> dict[str, Any
         )
         if p is not None
     ]
+    for name in set(PLOT_TITLES) - {p.name for p in plots}:  # a figure this build no longer draws
+        (out / name).unlink(missing_ok=True)  # (e.g. per-run bars once a second width ran)
     md = sweep_dir / "report.md"
     md.write_text(markdown(sweep, rows, cols, plots, sweep_dir).rstrip("\n") + "\n")
     return {"report": md, "csv": csv_path, "plots": plots, "rows": rows, "columns": cols}

@@ -379,8 +379,14 @@ def test_ablation_sweep_gets_accuracy_per_run_bars(tmp_path):
                  for t in (128, 256)]  # fmt: skip
         res = sweep_dir / "runs" / r.name / "evals" / "mqar" / "results.json"
         res.write_text(json.dumps({"step": 10, "cells": cells}))
+    stale = sweep_dir / "plots" / "accuracy_vs_width.png"  # from an earlier build
+    stale.parent.mkdir()
+    stale.write_bytes(b"old figure")
+    mine = sweep_dir / "plots" / "notes.png"  # not a report figure: left alone
+    mine.write_bytes(b"user file")
     out = build_report(sweep_dir)
     assert [p.name for p in out["plots"]] == ["accuracy_by_run.png", "loss_curves.png"]
+    assert not stale.exists() and mine.exists()
     assert (sweep_dir / "plots" / "accuracy_by_run.png").stat().st_size > 1000
     assert "### Accuracy per run" in (sweep_dir / "report.md").read_text()
     row = out["rows"][1]
