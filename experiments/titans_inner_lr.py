@@ -1,11 +1,12 @@
 """Outer-gradient norm of the Titans LMM at initialisation, by chunk size and max inner lr.
 
 The titans_ablation sweep found the chunk-1 and chunk-4 LMMs stuck at the initial loss with
-exploding gradients (median norm before clipping 160 at chunk 1, 20 at chunk 4, 1.0 at 16).
+exploding gradients (median logged norm before clipping 160 at chunk 1 over its first 500
+steps, 20 at chunk 4, 1.0 at 16).
 This prints the same quantity at step 0, on the sweep's model and data (2 layers, d_model 64,
 MQAR T 128 with 8 pairs, batch 32), for each chunk size x ``gm_eta_max`` (the ceiling of the
 inner step eta_t = eta_max * sigmoid(W x), Titans' theta_t), so a setting can be checked in
-seconds before it is trained for an hour:
+under a minute before it is trained for an hour:
 
     python experiments/titans_inner_lr.py                       # chunks 1,4,16,64 x 1.0,0.3,0.1
     python experiments/titans_inner_lr.py --chunks 1 --eta-max 1.0 --extra model.gm_algorithm=gd
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +41,9 @@ SWEEP = [  # configs/sweeps/titans_ablation.yaml's shared overrides
 ]
 
 
-def make_step(graphdef):
+def make_step(graphdef: nnx.GraphDef) -> Callable:
+    """Jitted (mean loss, gradient) of the model's parameters state on one batch."""
+
     def mean_loss(state, batch):
         total, count = lm_loss(nnx.merge(graphdef, state), batch)
         return total / count

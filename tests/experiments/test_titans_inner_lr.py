@@ -25,5 +25,5 @@ def test_per_token_memory_gradient_shrinks_with_the_inner_lr():
     hot, hot_loss = probe.grad_norm(["model.chunk_size=1", "model.gm_eta_max=1.0"], seeds=1)
     cool, cool_loss = probe.grad_norm(["model.chunk_size=1", "model.gm_eta_max=0.1"], seeds=1)
     assert math.isfinite(hot) and 0 < cool < 5
-    assert hot > 20 * cool, (hot, cool)  # measured 208 vs 1.44 (seed 0..1)
+    assert hot > 20 * cool, (hot, cool)  # the probe's table: 280 vs 1.4 (3 seeds)
     assert abs(hot_loss - cool_loss) < 0.05  # same model at init: the loss barely moves
