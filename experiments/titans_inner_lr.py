@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ from memzoo.data.tokenizer import build_tokenizer
 from memzoo.models.lm import build_model
 from memzoo.train.step import lm_loss
 
+MQAR_TINY = Path(__file__).resolve().parents[1] / "configs" / "train" / "mqar_tiny.yaml"
 SWEEP = [  # configs/sweeps/titans_ablation.yaml's shared overrides
     "seq_len=128",
     "data.mqar_num_pairs=8",
@@ -56,7 +58,7 @@ def grad_norm(overrides: list[str], seeds: int) -> tuple[float, float]:
     norms, losses = [], []
     step = None
     for seed in range(seeds):
-        cfg = load_config("configs/train/mqar_tiny.yaml", [*SWEEP, *overrides, f"seed={seed}"])
+        cfg = load_config(MQAR_TINY, [*SWEEP, *overrides, f"seed={seed}"])
         cfg.model.vocab_size = build_tokenizer(cfg.data).vocab_size
         model = build_model(cfg.model, seed=seed)
         data = make_train_iterator(

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "bench_gradient_memory.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_gradient_memory", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from experiment_scripts import load_script
 
 
 def test_quick_run_prints_a_row_per_preset_and_impl(capsys, tmp_path):
-    bench = _load()
+    bench = load_script("bench_gradient_memory")
     out = tmp_path / "table.md"
     rows = bench.main(["--quick", "--out", str(out)])
     printed = capsys.readouterr().out

@@ -3,25 +3,18 @@ built from its report or named as not compiled; the figures in a row come from t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
+from experiment_scripts import load_script
+
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "experiments" / "pod_compile_table.py"
 REPORTS = REPO / "experiments" / "results" / "pod_compile"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("pod_compile_table", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_every_pod_config_is_a_row_or_listed_missing(tmp_path):
-    mod = _load()
+    mod = load_script("pod_compile_table")
     shipped = sorted(p.stem for p in (REPO / "configs" / "pods").glob("*.yaml"))
     assert shipped == sorted(f"{f}_{s}" for f in mod.FAMILIES for s in mod.SIZES)
 
@@ -51,7 +44,7 @@ def test_every_pod_config_is_a_row_or_listed_missing(tmp_path):
 
 def test_shipped_reports_cover_every_pair_and_fit():
     """configs/pods/README.md says every pod config compiles and fits on both slices."""
-    mod = _load()
+    mod = load_script("pod_compile_table")
     text = mod.table(REPORTS)
     assert "Not compiled yet" not in text
     reports = [json.loads(p.read_text()) for p in sorted(REPORTS.glob("*.json"))]

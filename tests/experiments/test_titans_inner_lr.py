@@ -3,25 +3,15 @@ finding (chunk-1 Titans LMM at max inner lr 1.0 starts with an exploding gradien
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "titans_inner_lr.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("titans_inner_lr", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from experiment_scripts import load_script
 
 
 @pytest.mark.slow  # two per-token model compiles
 def test_per_token_memory_gradient_shrinks_with_the_inner_lr():
-    probe = _load()
+    probe = load_script("titans_inner_lr")
     hot, hot_loss = probe.grad_norm(["model.chunk_size=1", "model.gm_eta_max=1.0"], seeds=1)
     cool, cool_loss = probe.grad_norm(["model.chunk_size=1", "model.gm_eta_max=0.1"], seeds=1)
     assert math.isfinite(hot) and 0 < cool < 5
