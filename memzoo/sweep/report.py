@@ -249,6 +249,24 @@ def _pyplot():
     return plt
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def series_styles(labels: list[str], plt) -> dict[str, dict[str, Any]]:
+    """A distinct (colour, marker, line style) per series: ten colours, then the next marker
+    and line style for each further ten, so 20+ lines stay apart where colours alone do not."""
+    cmap = plt.get_cmap("tab10")
+    return {
+        lab: {
+            "color": cmap(i % 10),
+            "marker": _MARKERS[(i // 10) % len(_MARKERS)],
+            "linestyle": _LINESTYLES[(i // 10) % len(_LINESTYLES)],
+        }
+        for i, lab in enumerate(labels)
+    }
+
+
 def _label(row: dict[str, Any], keys: list[str]) -> str:
     return " ".join(str(row.get(k)) for k in keys if row.get(k) is not None) or "all runs"
 
@@ -286,8 +304,7 @@ def plot_accuracy_vs_width(
     series_keys = [k for k in others if k not in dependent]
     labels = sorted({_label(r, series_keys) for r in pts})
     plt = _pyplot()
-    cmap = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
-    colors = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+    styles = series_styles(labels, plt)
     widths = sorted({r[width] for r in pts})
     ncol = len(facets)
     legend_w = 1.8 if len(labels) > 1 else 0.0
@@ -307,9 +324,8 @@ def plot_accuracy_vs_width(
                 ax.plot(
                     [r[width] for r in line],
                     [r[metric] for r in line],
-                    marker="o",
-                    color=colors[lab],
                     label=lab,
+                    **styles[lab],
                 )
         extra = ", ".join(f"{k} {sub[0].get(k)}" for k in dependent if k in sub[0]) if sub else ""
         title = f"{facet} {f}" if f is not None else sweep.name
@@ -375,39 +391,99 @@ def plot_accuracy_by_run(
     return _save(plt, fig, out / "accuracy_by_run.png")
 
 
+def loss_curve_panels(
+    sweep: Sweep, rows: list[dict[str, Any]]
+) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """Group runs for the loss figure: panel title -> [(series label, row)], panels in
+    (width, length) order. A panel per width and length the rows vary over; in a panel a run
+    is named by the settings that vary inside panels (the architecture, say), so one legend
+    serves every panel. Runs are named in full where those settings do not tell them apart."""
+    keys = [k for k in sweep.setting_keys() if k != "optim.lr"]
+
+    def varies(k: str) -> bool:
+        return len({r.get(k) for r in rows}) > 1
+
+    panel_keys = [k for k in ("model.d_model", "seq_len") if k in keys and varies(k)]
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault(tuple(r.get(k) for k in panel_keys), []).append(r)
+    series_keys = [  # settings that vary inside a panel (not those tied to its length)
+        k
+        for k in keys
+        if k not in panel_keys and any(len({r.get(k) for r in rs}) > 1 for rs in cells.values())
+    ]
+    unique = all(len({_label(r, series_keys) for r in rs}) == len(rs) for rs in cells.values())
+    by_name = not (panel_keys and series_keys and unique)
+    panels = {}
+    for cell in sorted(cells, key=lambda c: [(v is None, _number(v) or 0) for v in c]):
+        title = " ".join(f"{k} {v}" for k, v in zip(panel_keys, cell))
+        panels[title] = [(r["run"] if by_name else _label(r, series_keys), r) for r in cells[cell]]
+    return panels
+
+
 def plot_loss_curves(
     sweep: Sweep, rows: list[dict[str, Any]], sweep_dir: Path, out: Path
 ) -> Path | None:
+    """Training loss per run, overlaid; panels as ``loss_curve_panels`` groups them."""
     from memzoo.train.metrics import read_metrics
 
     chosen = [r for r in rows if r.get("best_lr")] if sweep.lr_sweep else rows
     chosen = chosen or rows
-    curves = []
+    curves = {}
     for r in chosen:
         m = [x for x in read_metrics(sweep_dir / "runs" / r["run"]) if "loss" in x]
         if m:
-            curves.append((r["run"], [x["step"] for x in m], [x["loss"] for x in m]))
+            curves[r["run"]] = ([x["step"] for x in m], [x["loss"] for x in m])
     if not curves:
         return None
+    panels = loss_curve_panels(sweep, [r for r in chosen if r["run"] in curves])
+    labels = list(dict.fromkeys(lab for members in panels.values() for lab, _ in members))
     plt = _pyplot()
-    legend = len(curves) <= 40
-    fig, ax = plt.subplots(figsize=(7.5 + (3.0 if legend and len(curves) > 8 else 0), 4.2))
-    for name, steps, losses in curves:
-        ax.plot(steps, losses, label=name, linewidth=1.2)
-    lo = min(min(c[2]) for c in curves)
-    hi = max(max(c[2]) for c in curves)
-    if lo > 0 and hi / lo > 10:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    title = f"{sweep.name}: training loss"
-    ax.set_title(title + (" (best lr per cell)" if sweep.lr_sweep else ""))
-    ax.grid(True, alpha=0.3)
+    styles = series_styles(labels, plt)
+    ncol = min(len(panels), 3)
+    nrow = -(-len(panels) // ncol)
+    legend = len(labels) <= 40
+    side = 2.6 if legend and len(labels) > 8 else 0.0
+    fig, axes = plt.subplots(
+        nrow,
+        ncol,
+        figsize=((7.5 if ncol == 1 else 4.2 * ncol) + side, 4.2 if nrow == 1 else 3.4 * nrow),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
+    lo = min(min(c[1]) for c in curves.values())
+    hi = max(max(c[1]) for c in curves.values())
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, members) in zip(axes.flat, panels.items()):
+        for lab, row in members:
+            steps, losses = curves[row["run"]]
+            ax.plot(steps, losses, label=lab, linewidth=1.2, **dict(styles[lab], marker=None))
+        if lo > 0 and hi / lo > 10:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        if title:
+            ax.set_title(title, fontsize=9)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("training loss")
+    fig.suptitle(f"{sweep.name}: training loss" + (" (best lr per cell)" if sweep.lr_sweep else ""))
     if legend:
-        if len(curves) > 8:
-            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        handles = {}
+        for ax in axes.flat:
+            h, n = ax.get_legend_handles_labels()
+            handles.update(zip(n, h))
+        if len(labels) > 8 or len(panels) > 1:
+            fig.legend(
+                list(handles.values()),
+                list(handles.keys()),
+                loc="outside right upper",
+                fontsize=6 if len(labels) > 8 else 8,
+                frameon=False,
+            )
         else:
-            ax.legend(fontsize=8)
+            axes[0][0].legend(fontsize=8)
     return _save(plt, fig, out / "loss_curves.png")
 
 

@@ -10,7 +10,7 @@ import yaml
 from tiny_runs import REPO
 
 from memzoo.sweep import runner as sweep_runner
-from memzoo.sweep.report import build_report, flatten_eval
+from memzoo.sweep.report import build_report, flatten_eval, loss_curve_panels, series_styles
 from memzoo.sweep.spec import SweepError, expand, format_number, load_sweep, parse_sweep
 
 MQAR_TINY = str(REPO / "configs" / "train" / "mqar_tiny.yaml")
@@ -351,6 +351,13 @@ def test_report_plots_and_best_lr_from_run_files(tmp_path):
     }
     best = {r["run"] for r in out["rows"] if r["best_lr"]}
     assert len(best) == 8 and all(n.endswith("_lr1e-2") for n in best)
+    # the loss figure: a panel per width x length, a line per architecture in each
+    panels = loss_curve_panels(sweep, [r for r in out["rows"] if r["best_lr"]])
+    assert list(panels) == [f"model.d_model {d} seq_len {t}" for d in (64, 128) for t in (64, 128)]
+    for title, members in panels.items():
+        assert sorted(lab for lab, _ in members) == ["gla", "transformer"]
+        d, t = (int(w) for w in title.split()[1::2])
+        assert all(r["model.d_model"] == d and r["seq_len"] == t for _, r in members)
     report = (sweep_dir / "report.md").read_text()
     assert report.count("** ★ |") == 8 and "## Best learning rate per cell" in report
     assert "| **gla_d64_T64_kv4_lr1e-2** ★ |" in report
@@ -391,6 +398,20 @@ def test_ablation_sweep_gets_accuracy_per_run_bars(tmp_path):
     assert "### Accuracy per run" in (sweep_dir / "report.md").read_text()
     row = out["rows"][1]
     assert row["mqar.accuracy.T256.kv16"] == pytest.approx(0.456)
+    # no width or length axis: one panel, each line named by its run
+    panels = loss_curve_panels(parse_sweep(spec), out["rows"])
+    assert list(panels) == [""]
+    assert [lab for lab, _ in panels[""]] == [r.name for r in runs]
+
+
+def test_series_styles_stay_distinct_past_ten_lines():
+    import matplotlib.pyplot as plt
+
+    labels = [f"arch{i}" for i in range(40)]
+    styles = series_styles(labels, plt)
+    combos = {(s["color"], s["marker"], s["linestyle"]) for s in styles.values()}
+    assert len(combos) == 40
+    assert len({s["color"] for s in styles.values()}) == 10
 
 
 def test_flatten_eval_means_and_cells():
