@@ -267,6 +267,21 @@ def series_styles(labels: list[str], plt) -> dict[str, dict[str, Any]]:
     }
 
 
+def _shared_legend(fig, axes, fontsize: float) -> None:
+    """One legend right of the figure for the lines of every panel (each label once)."""
+    handles = {}
+    for ax in axes.flat:
+        h, n = ax.get_legend_handles_labels()
+        handles.update(zip(n, h))
+    fig.legend(
+        list(handles.values()),
+        list(handles.keys()),
+        loc="outside right upper",
+        fontsize=fontsize,
+        frameon=False,
+    )
+
+
 def _label(row: dict[str, Any], keys: list[str]) -> str:
     return " ".join(str(row.get(k)) for k in keys if row.get(k) is not None) or "all runs"
 
@@ -338,17 +353,7 @@ def plot_accuracy_vs_width(
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel(metric + (" (best lr)" if sweep.lr_sweep else ""))
     if len(labels) > 1:
-        handles = {}
-        for ax in axes[0]:
-            h, n = ax.get_legend_handles_labels()
-            handles.update(zip(n, h))
-        fig.legend(
-            list(handles.values()),
-            list(handles.keys()),
-            loc="outside right upper",
-            fontsize=7,
-            frameon=False,
-        )
+        _shared_legend(fig, axes, fontsize=7)
     return _save(plt, fig, out / "accuracy_vs_width.png")
 
 
@@ -454,13 +459,14 @@ def plot_loss_curves(
     )
     lo = min(min(c[1]) for c in curves.values())
     hi = max(max(c[1]) for c in curves.values())
+    log_scale = lo > 0 and hi / lo > 10
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax, (title, members) in zip(axes.flat, panels.items()):
         for lab, row in members:
             steps, losses = curves[row["run"]]
             ax.plot(steps, losses, label=lab, linewidth=1.2, **dict(styles[lab], marker=None))
-        if lo > 0 and hi / lo > 10:
+        if log_scale:
             ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
@@ -470,18 +476,8 @@ def plot_loss_curves(
         ax.set_ylabel("training loss")
     fig.suptitle(f"{sweep.name}: training loss" + (" (best lr per cell)" if sweep.lr_sweep else ""))
     if legend:
-        handles = {}
-        for ax in axes.flat:
-            h, n = ax.get_legend_handles_labels()
-            handles.update(zip(n, h))
         if len(labels) > 8 or len(panels) > 1:
-            fig.legend(
-                list(handles.values()),
-                list(handles.keys()),
-                loc="outside right upper",
-                fontsize=6 if len(labels) > 8 else 8,
-                frameon=False,
-            )
+            _shared_legend(fig, axes, fontsize=6 if len(labels) > 8 else 8)
         else:
             axes[0][0].legend(fontsize=8)
     return _save(plt, fig, out / "loss_curves.png")
