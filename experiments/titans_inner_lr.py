@@ -12,8 +12,8 @@ under a minute before it is trained for an hour:
     python experiments/titans_inner_lr.py --chunks 1 --eta-max 1.0 --extra model.gm_algorithm=gd
     python experiments/titans_inner_lr.py --chunks 16 --eta-max 1.0 --extra model=yaad
 
-``--extra model=NAME`` swaps the Titans LMM for any other model of the zoo (the mqar_zoo
-d 64 / T 128 cell is this setting too): the probe behind the Yaad finding in
+``--extra model=NAME`` swaps the Titans LMM for another gradient memory (yaad, moneta, ...;
+the mqar_zoo d 64 / T 128 cell is this setting too): the probe behind the Yaad finding in
 experiments/README.md (mqar_zoo, seventh slice).
 
 Each cell is the median over ``--seeds`` initialisations (one batch each) of the global norm of
