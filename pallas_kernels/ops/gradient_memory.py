@@ -270,9 +270,19 @@ def newton_schulz(g: Array, steps: int) -> Array:
 
 
 def lq_scale(spec: GradientMemorySpec, a: Array) -> Array:
-    """Moneta's 1 / ||A||_q^(q-2) per weight matrix: [..., din, dout] -> [..., 1, 1]."""
+    """Moneta's 1 / ||A||_q^(q-2) per weight matrix: [..., din, dout] -> [..., 1, 1].
+
+    The norm is taken as m ||A / m||_q with m = max |A|, so |A|^q neither underflows nor
+    overflows: a head whose accumulator decays to ~1e-10 made sum |A|^4 round to 0 in fp32 and
+    its gradient 0 * inf = NaN. The value and gradient are those of ||A||_q (it is homogeneous
+    of degree 1, so the gradient through m cancels).
+    """
     qn = spec.norm_q
-    norm = jnp.sum(jnp.abs(a) ** qn, axis=(-2, -1), keepdims=True) ** (1.0 / qn)
+    mag = jnp.abs(a)
+    m = jnp.max(mag, axis=(-2, -1), keepdims=True)
+    nonzero = m > 0
+    s = jnp.sum((mag / jnp.where(nonzero, m, 1.0)) ** qn, axis=(-2, -1), keepdims=True)
+    norm = m * jnp.where(nonzero, s, 1.0) ** (1.0 / qn)  # s >= 1 where m > 0
     return jnp.maximum(norm, 1e-6) ** (2.0 - qn)
 
 
