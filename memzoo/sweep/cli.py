@@ -1,5 +1,5 @@
 """``memzoo sweep SWEEP.yaml [--dry-run] [--print-commands] [--max-parallel N]`` and
-``memzoo report SWEEP_DIR``.
+``memzoo report SWEEP_DIR [--merge PATH]``.
 
 ``add_subcommands(subparsers)`` adds both to the ``memzoo`` parser; ``python -m
 memzoo.sweep.cli sweep|report ...`` runs them on their own (and is what ``--max-parallel``
@@ -53,7 +53,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from memzoo.sweep.report import build_report
 
-    out = build_report(args.sweep_dir, args.root)
+    out = build_report(args.sweep_dir, args.root, merge=args.merge or ())
     print(f"{out['report']}  ({len(out['rows'])} runs)")
     print(f"{out['csv']}")
     for p in out["plots"]:
@@ -99,6 +99,14 @@ def add_subcommands(subparsers) -> None:
     )
     p.add_argument("sweep_dir", help="sweep directory (sweeps/NAME) or its sweep file")
     p.add_argument("--root", default="sweeps", help="sweeps root when given a sweep file")
+    p.add_argument(
+        "--merge",
+        action="append",
+        metavar="PATH",
+        help="another copy of this sweep: its directory (from another machine) or a "
+        "results.csv (e.g. the published one); runs not finished here take their row from "
+        "it (repeatable; a 'source' column says which)",
+    )
     p.set_defaults(func=cmd_report)
 
 

@@ -214,13 +214,86 @@ def mark_best(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
             best[1]["best_lr"] = True
 
 
-def collect(sweep: Sweep, sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """(rows, columns) of the sweep's runs as they are on disk."""
+def _csv_value(text: str) -> Any:
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    return text
+
+
+def read_results_csv(path: Path) -> dict[str, dict[str, Any]]:
+    """A results.csv (as ``memzoo report`` writes it) as {run name: row}, values typed."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "run" not in reader.fieldnames:
+            raise SweepError(f"{path}: not a sweep results.csv (it has no 'run' column)")
+        return {r["run"]: {k: _csv_value(v or "") for k, v in r.items()} for r in reader}
+
+
+def _merge_source(sweep: Sweep, runs: list, source: Path) -> dict[str, dict[str, Any]]:
+    """{run: row} from another copy of this sweep: its directory or its results.csv."""
+    from memzoo.sweep.runner import read_status
+
+    if source.is_dir():
+        if not (source / "runs").is_dir():
+            raise SweepError(f"--merge {source}: a sweep directory needs runs/ (none there)")
+        status = read_status(source)["runs"]
+        rows = {}
+        for r in runs:
+            run_dir = source / "runs" / r.name
+            if run_dir.is_dir():
+                rows[r.name] = {**_run_row(sweep, r, run_dir, status.get(r.name, {})),
+                                "_dir": run_dir}  # fmt: skip
+        return rows
+    if not source.is_file():
+        raise SweepError(f"--merge {source}: no such results.csv or sweep directory")
+    table = read_results_csv(source)
+    names = {r.name for r in runs}
+    if table and not names & set(table):
+        raise SweepError(
+            f"--merge {source}: none of its {len(table)} runs is a run of sweep {sweep.name!r}"
+        )
+    rows = {}
+    for r in runs:
+        if r.name in table:  # the settings come from the sweep file, the figures from the csv
+            row = {**table[r.name], "run": r.name, "cell": r.cell, **r.settings, "_dir": None}
+            if row.get("status") is None:
+                row["status"] = "pending"
+            rows[r.name] = row
+    return rows
+
+
+def collect(
+    sweep: Sweep, sweep_dir: Path, merge: list[str | Path] | tuple = ()
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """(rows, columns) of the sweep's runs as they are on disk.
+
+    ``merge``: other copies of the sweep (a sweep directory from another machine, or a
+    published results.csv). A run takes its row from the first place it finished, in the
+    order here first, then the merge sources; where it finished nowhere, from the first
+    place it started. Rows from a csv have no run directory (``_dir`` None): no loss curve
+    or NIAH heatmap is drawn for them. With ``merge`` a ``source`` column says where each
+    row came from (empty: this directory).
+    """
     from memzoo.sweep.runner import read_status
 
     status = read_status(sweep_dir)["runs"]
     runs = expand(sweep, sweep_dir.parent, validate=False)
-    rows = [_run_row(sweep, r, sweep_dir / "runs" / r.name, status.get(r.name, {})) for r in runs]
+    rows = []
+    for r in runs:
+        run_dir = sweep_dir / "runs" / r.name
+        rows.append({**_run_row(sweep, r, run_dir, status.get(r.name, {})), "_dir": run_dir})
+    sources = [(str(m), _merge_source(sweep, runs, Path(m))) for m in merge]
+    for i, row in enumerate(rows):
+        row["source"] = ""
+        candidates = [row, *(dict(t[row["run"]], source=s) for s, t in sources if row["run"] in t)]
+        done = [c for c in candidates if c.get("status") == "finished"]
+        started = [c for c in candidates if c.get("status") not in (None, "pending")]
+        rows[i] = (done or started or candidates)[0]
     mark_best(sweep, rows)
     metric_cols: list[str] = []
     for r in rows:
@@ -234,6 +307,8 @@ def collect(sweep: Sweep, sweep_dir: Path) -> tuple[list[dict[str, Any]], list[s
     if sweep.lr_sweep:
         cols += ["cell", "best_lr"]
     cols.append("error")
+    if merge:
+        cols.append("source")
     return rows, cols
 
 
@@ -436,7 +511,8 @@ def plot_loss_curves(
     chosen = chosen or rows
     curves = {}
     for r in chosen:
-        m = [x for x in read_metrics(sweep_dir / "runs" / r["run"]) if "loss" in x]
+        run_dir = r.get("_dir", sweep_dir / "runs" / r["run"])
+        m = [x for x in read_metrics(run_dir) if "loss" in x] if run_dir is not None else []
         if m:
             curves[r["run"]] = ([x["step"] for x in m], [x["loss"] for x in m])
     if not curves:
@@ -503,9 +579,10 @@ def plot_niah_grid(
     chosen = [r for r in rows if r.get("best_lr")] if sweep.lr_sweep else rows
     panels = []
     for r in chosen or rows:
+        run_dir = r.get("_dir", sweep_dir / "runs" / r["run"])
         for ev in niah:
-            path = sweep_dir / "runs" / r["run"] / "evals" / ev.name / "results.json"
-            if path.is_file():
+            path = run_dir / "evals" / ev.name / "results.json" if run_dir is not None else None
+            if path is not None and path.is_file():
                 rec = json.loads(path.read_text())
                 title = r["run"] if len(niah) == 1 else f"{r['run']} ({ev.name})"
                 panels.append((title, *_niah_matrix(rec)))
@@ -597,7 +674,12 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def markdown(
-    sweep: Sweep, rows: list[dict[str, Any]], cols: list[str], plots: list[Path], sweep_dir: Path
+    sweep: Sweep,
+    rows: list[dict[str, Any]],
+    cols: list[str],
+    plots: list[Path],
+    sweep_dir: Path,
+    merge: list[str | Path] | tuple = (),
 ) -> str:
     counts: dict[str, int] = {}
     for r in rows:
@@ -616,10 +698,23 @@ def markdown(
         f"overrides for every run: `{' '.join(sweep.overrides) or '-'}`; evals: "
         f"{', '.join(_eval_label(e) for e in sweep.evals) or 'none'}.",
         "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `memzoo report {sweep_dir}`; every "
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `memzoo report {sweep_dir}"
+        f"{''.join(f' --merge {m}' for m in merge)}`; every "
         "metric of every run (per eval cell too) is in [results.csv](results.csv).",
         "",
     ]
+    merged: dict[str, int] = {}
+    for r in rows:
+        if r.get("source"):
+            merged[r["source"]] = merged.get(r["source"], 0) + 1
+    if merged:
+        out += [
+            "Merged rows (column `source`): "
+            + ", ".join(f"{n} from `{s}`" for s, n in merged.items())
+            + ". Runs whose row comes from a csv have no run directory here, so they have no "
+            "loss curve or NIAH heatmap below.",
+            "",
+        ]
     if sweep.lr_sweep:
         out += [
             f"Learning rates {', '.join(_fmt(x, 'optim.lr') for x in sweep.lr_sweep)} per cell; "
@@ -708,11 +803,22 @@ def write_csv(rows: list[dict[str, Any]], cols: list[str], path: Path) -> Path:
     return path
 
 
-def build_report(path: str | Path, root: str | Path = "sweeps") -> dict[str, Any]:
-    """(Re)build results.csv, report.md and the plots of a sweep directory (or sweep file)."""
+def build_report(
+    path: str | Path, root: str | Path = "sweeps", merge: list[str | Path] | tuple = ()
+) -> dict[str, Any]:
+    """(Re)build results.csv, report.md and the plots of a sweep directory (or sweep file).
+
+    ``merge``: rows for runs not finished here from other copies of the sweep (``collect``).
+    """
     sweep, sweep_dir = load_sweep_dir(path, root)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    rows, cols = collect(sweep, sweep_dir)
+    merge = list(merge)
+    for m in merge:  # a merged csv may be this directory's own results.csv: read it first
+        if Path(m).resolve() == (sweep_dir / "results.csv").resolve():
+            raise SweepError(
+                f"--merge {m} is the results.csv this report rewrites; copy it elsewhere first"
+            )
+    rows, cols = collect(sweep, sweep_dir, merge)
     csv_path = write_csv(rows, cols, sweep_dir / "results.csv")
     out = sweep_dir / PLOTS_DIR
     plots = [
@@ -728,5 +834,5 @@ def build_report(path: str | Path, root: str | Path = "sweeps") -> dict[str, Any
     for name in set(PLOT_TITLES) - {p.name for p in plots}:  # a figure this build no longer draws
         (out / name).unlink(missing_ok=True)  # (e.g. per-run bars once a second width ran)
     md = sweep_dir / "report.md"
-    md.write_text(markdown(sweep, rows, cols, plots, sweep_dir).rstrip("\n") + "\n")
+    md.write_text(markdown(sweep, rows, cols, plots, sweep_dir, merge).rstrip("\n") + "\n")
     return {"report": md, "csv": csv_path, "plots": plots, "rows": rows, "columns": cols}

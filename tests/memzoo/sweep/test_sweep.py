@@ -404,6 +404,81 @@ def test_ablation_sweep_gets_accuracy_per_run_bars(tmp_path):
     assert [lab for lab, _ in panels[""]] == [r.name for r in runs]
 
 
+def test_report_merges_rows_from_a_results_csv_and_another_sweep_dir(tmp_path):
+    """``--merge``: a run not finished here takes its row from the first copy where it
+    finished (a published results.csv, another machine's sweep directory)."""
+    spec = {
+        "name": "m",
+        "grid": {"model": ["gla", "transformer", "retnet", "deltanet"]},
+        "evals": [{"task": "mqar"}, {"task": "niah"}],
+    }
+    here, there = tmp_path / "here" / "m", tmp_path / "there" / "m"
+    for d in (here, there):
+        d.mkdir(parents=True)
+        (d / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    gla, tf, ret, delta = (r.name for r in expand(parse_sweep(spec), tmp_path, validate=False))
+    # earlier: gla, transformer, retnet finished; published as results.csv
+    for i, name in enumerate((gla, tf, ret)):
+        _fake_run(here / "runs" / name, 2.0, 0.1 * (i + 1), 0.5)
+    (here / "status.json").write_text(json.dumps(
+        {"runs": {n: {"status": "finished", "train_wall_s": 7.0} for n in (gla, tf, ret)}}
+    ))  # fmt: skip
+    build_report(here)
+    published = tmp_path / "published.csv"
+    published.write_bytes((here / "results.csv").read_bytes())
+    # a fresh checkout: gla ran again here (finished), transformer was interrupted; deltanet
+    # finished on another machine
+    import shutil
+
+    shutil.rmtree(here / "runs")
+    _fake_run(here / "runs" / gla, 1.0, 0.9, 0.5)
+    _fake_run(here / "runs" / tf, 3.0, 0.0, 0.5)
+    (here / "status.json").write_text(json.dumps(
+        {"runs": {gla: {"status": "finished"}, tf: {"status": "interrupted"}}}
+    ))  # fmt: skip
+    _fake_run(there / "runs" / delta, 1.5, 0.7, 0.25)
+    (there / "status.json").write_text(json.dumps({"runs": {delta: {"status": "finished"}}}))
+
+    with pytest.raises(SweepError, match="the results.csv this report rewrites"):
+        build_report(here, merge=[here / "results.csv"])
+    out = build_report(here, merge=[published, there])
+    rows = {r["run"]: r for r in out["rows"]}
+    assert rows[gla]["source"] == "" and rows[gla]["mqar.accuracy"] == pytest.approx(0.9)
+    # finished in the csv beats interrupted here; its figures come back typed
+    assert rows[tf]["source"] == str(published) and rows[tf]["status"] == "finished"
+    assert rows[tf]["mqar.accuracy"] == pytest.approx(0.2)
+    assert rows[tf]["train_wall_s"] == 7.0 and rows[tf]["final_step"] == 10
+    assert rows[ret]["source"] == str(published) and rows[ret]["model"] == "retnet"
+    assert rows[delta]["source"] == str(there) and rows[delta]["niah.string_match"] == 0.25
+    assert [r["status"] for r in out["rows"]] == ["finished"] * 4
+    with open(here / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert table[-1]["source"] == str(there) and table[0]["source"] == ""
+    assert [r["run"] for r in table] == [gla, tf, ret, delta]
+    report = (here / "report.md").read_text()
+    assert f"2 from `{published}`, 1 from `{there}`" in report
+    assert f"--merge {published} --merge {there}`" in report
+    assert "4 runs (4 finished)" in report
+    # curves and heatmaps from run directories (gla here, deltanet there); csv rows have none
+    assert [r["run"] for r in out["rows"] if r["_dir"] is not None] == [gla, delta]
+    assert {p.name for p in out["plots"]} == {
+        "accuracy_by_run.png",
+        "loss_curves.png",
+        "niah_heatmaps.png",
+    }
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,acc\nx,1\n")
+    with pytest.raises(SweepError, match="no 'run' column"):
+        build_report(here, merge=[bad])
+    other = tmp_path / "other.csv"
+    other.write_text("run,status\nsomething_else,finished\n")
+    with pytest.raises(SweepError, match="none of its 1 runs is a run of sweep 'm'"):
+        build_report(here, merge=[other])
+    with pytest.raises(SweepError, match="no such results.csv or sweep directory"):
+        build_report(here, merge=[tmp_path / "missing.csv"])
+
+
 def test_series_styles_stay_distinct_past_ten_lines():
     import matplotlib.pyplot as plt
 
