@@ -1,5 +1,5 @@
 """``memzoo sweep SWEEP.yaml [--dry-run] [--print-commands] [--max-parallel N]`` and
-``memzoo report SWEEP_DIR [--merge PATH]``.
+``memzoo report SWEEP_DIR [--merge PATH] [--publish DIR]``.
 
 ``add_subcommands(subparsers)`` adds both to the ``memzoo`` parser; ``python -m
 memzoo.sweep.cli sweep|report ...`` runs them on their own (and is what ``--max-parallel``
@@ -53,11 +53,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from memzoo.sweep.report import build_report
 
-    out = build_report(args.sweep_dir, args.root, merge=args.merge or ())
+    out = build_report(args.sweep_dir, args.root, merge=args.merge or (), publish_to=args.publish)
     print(f"{out['report']}  ({len(out['rows'])} runs)")
     print(f"{out['csv']}")
     for p in out["plots"]:
         print(p)
+    if out.get("published"):
+        print(f"published to {out['published']}")
     return 0
 
 
@@ -106,6 +108,13 @@ def add_subcommands(subparsers) -> None:
         help="another copy of this sweep: its directory (from another machine) or a "
         "results.csv (e.g. the published one); runs not finished here take their row from "
         "it (repeatable; a 'source' column says which)",
+    )
+    p.add_argument(
+        "--publish",
+        metavar="DIR",
+        help="then copy report.md, results.csv, plots/ and the runs' records (configs, "
+        "metrics, eval results; no checkpoints) to DIR, e.g. experiments/results/sweeps/NAME; "
+        "--merge DIR later brings every published run back",
     )
     p.set_defaults(func=cmd_report)
 

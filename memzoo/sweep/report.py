@@ -234,28 +234,18 @@ def read_results_csv(path: Path) -> dict[str, dict[str, Any]]:
         return {r["run"]: {k: _csv_value(v or "") for k, v in r.items()} for r in reader}
 
 
-def _merge_source(sweep: Sweep, runs: list, source: Path) -> dict[str, dict[str, Any]]:
-    """{run: row} from another copy of this sweep: its directory or its results.csv."""
-    from memzoo.sweep.runner import read_status
+def _pick(candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first candidate row that finished, else the first that started, else the first."""
+    done = [c for c in candidates if c.get("status") == "finished"]
+    started = [c for c in candidates if c.get("status") not in (None, "pending")]
+    return (done or started or candidates)[0]
 
-    if source.is_dir():
-        if not (source / "runs").is_dir():
-            raise SweepError(f"--merge {source}: a sweep directory needs runs/ (none there)")
-        status = read_status(source)["runs"]
-        rows = {}
-        for r in runs:
-            run_dir = source / "runs" / r.name
-            if run_dir.is_dir():
-                rows[r.name] = {**_run_row(sweep, r, run_dir, status.get(r.name, {})),
-                                "_dir": run_dir}  # fmt: skip
-        return rows
-    if not source.is_file():
-        raise SweepError(f"--merge {source}: no such results.csv or sweep directory")
-    table = read_results_csv(source)
-    names = {r.name for r in runs}
-    if table and not names & set(table):
+
+def _csv_rows(sweep: Sweep, runs: list, path: Path, what: str) -> dict[str, dict[str, Any]]:
+    table = read_results_csv(path)
+    if table and not {r.name for r in runs} & set(table):
         raise SweepError(
-            f"--merge {source}: none of its {len(table)} runs is a run of sweep {sweep.name!r}"
+            f"--merge {what}: none of its {len(table)} runs is a run of sweep {sweep.name!r}"
         )
     rows = {}
     for r in runs:
@@ -264,6 +254,29 @@ def _merge_source(sweep: Sweep, runs: list, source: Path) -> dict[str, dict[str,
             if row.get("status") is None:
                 row["status"] = "pending"
             rows[r.name] = row
+    return rows
+
+
+def _merge_source(sweep: Sweep, runs: list, source: Path) -> dict[str, dict[str, Any]]:
+    """{run: row} from another copy of this sweep: a results.csv, or a sweep directory (its
+    run directories, and its results.csv for runs that have none there, as ``--publish``
+    leaves them)."""
+    from memzoo.sweep.runner import read_status
+
+    if not source.is_dir():
+        if not source.is_file():
+            raise SweepError(f"--merge {source}: no such results.csv or sweep directory")
+        return _csv_rows(sweep, runs, source, str(source))
+    table, runs_dir = source / "results.csv", source / "runs"
+    if not runs_dir.is_dir() and not table.is_file():
+        raise SweepError(f"--merge {source}: a sweep directory needs runs/ or results.csv")
+    rows = _csv_rows(sweep, runs, table, str(source)) if table.is_file() else {}
+    status = read_status(source)["runs"]
+    for r in runs:
+        run_dir = runs_dir / r.name
+        if run_dir.is_dir():
+            row = {**_run_row(sweep, r, run_dir, status.get(r.name, {})), "_dir": run_dir}
+            rows[r.name] = _pick([row, rows[r.name]]) if r.name in rows else row
     return rows
 
 
@@ -291,9 +304,7 @@ def collect(
     for i, row in enumerate(rows):
         row["source"] = ""
         candidates = [row, *(dict(t[row["run"]], source=s) for s, t in sources if row["run"] in t)]
-        done = [c for c in candidates if c.get("status") == "finished"]
-        started = [c for c in candidates if c.get("status") not in (None, "pending")]
-        rows[i] = (done or started or candidates)[0]
+        rows[i] = _pick(candidates)
     mark_best(sweep, rows)
     metric_cols: list[str] = []
     for r in rows:
@@ -803,16 +814,72 @@ def write_csv(rows: list[dict[str, Any]], cols: list[str], path: Path) -> Path:
     return path
 
 
+RUN_RECORDS = ("config.yaml", "metrics.jsonl", "evals/*/results.json")
+
+
+def publish(
+    sweep: Sweep, sweep_dir: Path, rows: list[dict[str, Any]], plots: list[Path], dest: Path
+) -> Path:
+    """Copy a built report to ``dest`` (e.g. ``experiments/results/sweeps/<name>``) with what
+    rebuilds it: report.md, results.csv, plots/, sweep.yaml, and, for every run with a run
+    directory, its records (``RUN_RECORDS``; no checkpoints) and its status.json entry.
+    Records already in ``dest`` stay, so ``--merge dest`` later brings back every run's row,
+    loss curve and heatmaps."""
+    import shutil
+
+    from memzoo.sweep.runner import SWEEP_FILE, _display_path, _write_atomic, read_status
+    from memzoo.sweep.spec import resolved_dict
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", "results.csv"):
+        shutil.copyfile(sweep_dir / name, dest / name)
+    spec = resolved_dict(sweep)
+    if spec.get("base"):  # the repo-relative path, not this machine's
+        spec["base"] = _display_path(Path(spec["base"]))
+    _write_atomic(dest / SWEEP_FILE, yaml.safe_dump(spec, sort_keys=False))
+    (dest / PLOTS_DIR).mkdir(exist_ok=True)
+    for name in PLOT_TITLES:
+        (dest / PLOTS_DIR / name).unlink(missing_ok=True)
+    for p in plots:
+        shutil.copyfile(p, dest / PLOTS_DIR / p.name)
+    status = read_status(dest)
+    for r in rows:
+        src = r.get("_dir")
+        if src is None or r["status"] == "pending" or not src.is_dir():
+            continue
+        target = dest / "runs" / r["run"]
+        if src.resolve() != target.resolve():
+            shutil.rmtree(target, ignore_errors=True)
+            for pattern in RUN_RECORDS:
+                for f in src.glob(pattern):
+                    out = target / f.relative_to(src)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(f, out)
+        keys = ("status", "params", "final_step", "train_wall_s", "error")
+        status["runs"][r["run"]] = {k: r[k] for k in keys if r.get(k) is not None}
+    if status["runs"]:
+        status["sweep"] = sweep_dir.name
+        status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        _write_atomic(dest / "status.json", json.dumps(status, indent=1, sort_keys=True) + "\n")
+    return dest
+
+
 def build_report(
-    path: str | Path, root: str | Path = "sweeps", merge: list[str | Path] | tuple = ()
+    path: str | Path,
+    root: str | Path = "sweeps",
+    merge: list[str | Path] | tuple = (),
+    publish_to: str | Path | None = None,
 ) -> dict[str, Any]:
     """(Re)build results.csv, report.md and the plots of a sweep directory (or sweep file).
 
     ``merge``: rows for runs not finished here from other copies of the sweep (``collect``).
+    ``publish_to``: then copy the report and the run records there (``publish``).
     """
     sweep, sweep_dir = load_sweep_dir(path, root)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     merge = list(merge)
+    if publish_to is not None and Path(publish_to).resolve() == sweep_dir.resolve():
+        raise SweepError(f"--publish {publish_to} is the sweep directory itself")
     for m in merge:  # a merged csv may be this directory's own results.csv: read it first
         if Path(m).resolve() == (sweep_dir / "results.csv").resolve():
             raise SweepError(
@@ -835,4 +902,7 @@ def build_report(
         (out / name).unlink(missing_ok=True)  # (e.g. per-run bars once a second width ran)
     md = sweep_dir / "report.md"
     md.write_text(markdown(sweep, rows, cols, plots, sweep_dir, merge).rstrip("\n") + "\n")
-    return {"report": md, "csv": csv_path, "plots": plots, "rows": rows, "columns": cols}
+    out = {"report": md, "csv": csv_path, "plots": plots, "rows": rows, "columns": cols}
+    if publish_to is not None:
+        out["published"] = publish(sweep, sweep_dir, rows, plots, Path(publish_to))
+    return out

@@ -467,6 +467,39 @@ def test_report_merges_rows_from_a_results_csv_and_another_sweep_dir(tmp_path):
         "niah_heatmaps.png",
     }
 
+    # --publish: the report plus the records of runs with a directory; a fresh checkout that
+    # merges the published directory gets every row back, and the curves of those runs
+    pub = tmp_path / "experiments" / "m"
+    before = {
+        r["run"]: r for r in build_report(here, merge=[published, there], publish_to=pub)["rows"]
+    }
+    assert sorted(p.name for p in pub.iterdir()) == [
+        "plots", "report.md", "results.csv", "runs", "status.json", "sweep.yaml"
+    ]  # fmt: skip
+    assert sorted(p.name for p in (pub / "runs").iterdir()) == [delta, gla]
+    records = [
+        p.relative_to(pub / "runs" / gla).as_posix() for p in (pub / "runs" / gla).rglob("*.*")
+    ]
+    assert sorted(records) == [
+        "evals/mqar/results.json",
+        "evals/niah/results.json",
+        "metrics.jsonl",
+    ]
+    assert not (pub / "runs" / gla / "checkpoints").exists()
+    assert (pub / "plots" / "loss_curves.png").stat().st_size > 1000
+    fresh = tmp_path / "fresh" / "m"
+    fresh.mkdir(parents=True)
+    (fresh / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    again = build_report(fresh, merge=[pub], publish_to=pub)  # publish onto its own source
+    for r in again["rows"]:
+        assert r["status"] == "finished" and r["source"] == str(pub)
+        for k in ("mqar.accuracy", "niah.string_match", "final_loss", "train_wall_s", "params"):
+            assert r.get(k) == pytest.approx(before[r["run"]].get(k)), (r["run"], k)
+    assert [r["run"] for r in again["rows"] if r["_dir"] is not None] == [gla, delta]
+    assert sorted(p.name for p in (pub / "runs").iterdir()) == [delta, gla]
+    with pytest.raises(SweepError, match="is the sweep directory itself"):
+        build_report(fresh, publish_to=fresh)
+
     bad = tmp_path / "bad.csv"
     bad.write_text("name,acc\nx,1\n")
     with pytest.raises(SweepError, match="no 'run' column"):
