@@ -845,8 +845,10 @@ def publish(
     status = read_status(dest)
     for r in rows:
         src = r.get("_dir")
-        if src is None or r["status"] == "pending" or not src.is_dir():
+        if src is None or r["status"] in ("pending", "running") or not src.is_dir():
             continue
+        if status["runs"].get(r["run"], {}).get("status") == "finished" != r["status"]:
+            continue  # never replace a published finished run by a worse copy
         target = dest / "runs" / r["run"]
         if src.resolve() != target.resolve():
             shutil.rmtree(target, ignore_errors=True)
@@ -880,7 +882,7 @@ def build_report(
     merge = list(merge)
     if publish_to is not None and Path(publish_to).resolve() == sweep_dir.resolve():
         raise SweepError(f"--publish {publish_to} is the sweep directory itself")
-    for m in merge:  # a merged csv may be this directory's own results.csv: read it first
+    for m in merge:  # its own results.csv: rows would outlive the runs they came from
         if Path(m).resolve() == (sweep_dir / "results.csv").resolve():
             raise SweepError(
                 f"--merge {m} is the results.csv this report rewrites; copy it elsewhere first"

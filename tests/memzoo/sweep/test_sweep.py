@@ -499,6 +499,13 @@ def test_report_merges_rows_from_a_results_csv_and_another_sweep_dir(tmp_path):
     assert sorted(p.name for p in (pub / "runs").iterdir()) == [delta, gla]
     with pytest.raises(SweepError, match="is the sweep directory itself"):
         build_report(fresh, publish_to=fresh)
+    # an interrupted copy never replaces a published finished run
+    published_metrics = (pub / "runs" / gla / "metrics.jsonl").read_text()
+    _fake_run(fresh / "runs" / gla, 4.0, 0.0, 0.0)
+    (fresh / "status.json").write_text(json.dumps({"runs": {gla: {"status": "interrupted"}}}))
+    build_report(fresh, publish_to=pub)
+    assert (pub / "runs" / gla / "metrics.jsonl").read_text() == published_metrics
+    assert json.loads((pub / "status.json").read_text())["runs"][gla]["status"] == "finished"
 
     bad = tmp_path / "bad.csv"
     bad.write_text("name,acc\nx,1\n")
