@@ -815,6 +815,7 @@ def write_csv(rows: list[dict[str, Any]], cols: list[str], path: Path) -> Path:
 
 
 RUN_RECORDS = ("config.yaml", "metrics.jsonl", "evals/*/results.json")
+STATUS_KEYS = ("status", "params", "final_step", "train_wall_s", "error")  # what _run_row reads
 
 
 def publish(
@@ -857,8 +858,7 @@ def publish(
                     out = target / f.relative_to(src)
                     out.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(f, out)
-        keys = ("status", "params", "final_step", "train_wall_s", "error")
-        status["runs"][r["run"]] = {k: r[k] for k in keys if r.get(k) is not None}
+        status["runs"][r["run"]] = {k: r[k] for k in STATUS_KEYS if r.get(k) is not None}
     if status["runs"]:
         status["sweep"] = sweep_dir.name
         status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -904,7 +904,7 @@ def build_report(
         (out / name).unlink(missing_ok=True)  # (e.g. per-run bars once a second width ran)
     md = sweep_dir / "report.md"
     md.write_text(markdown(sweep, rows, cols, plots, sweep_dir, merge).rstrip("\n") + "\n")
-    out = {"report": md, "csv": csv_path, "plots": plots, "rows": rows, "columns": cols}
+    built = {"report": md, "csv": csv_path, "plots": plots, "rows": rows, "columns": cols}
     if publish_to is not None:
-        out["published"] = publish(sweep, sweep_dir, rows, plots, Path(publish_to))
-    return out
+        built["published"] = publish(sweep, sweep_dir, rows, plots, Path(publish_to))
+    return built
