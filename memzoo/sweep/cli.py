@@ -26,10 +26,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise SweepError(f"--max-parallel must be >= 1, got {args.max_parallel}")
     sweep = load_sweep(args.sweep)
     if args.dry_run:
-        print("\n".join(dry_run_lines(sweep, args.root)))
+        print("\n".join(dry_run_lines(sweep, args.root, only=args.only)))
         return 0
     if args.print_commands:
-        lines = commands(sweep, args.root)
+        lines = commands(sweep, args.root, only=args.only)
         write_sweep_copy(sweep, args.root)  # so that `memzoo report` works after the jobs
         print("\n".join(lines))
         return 0
@@ -88,7 +88,8 @@ def add_subcommands(subparsers) -> None:
         "--only",
         action="append",
         metavar="RUN",
-        help="run only these runs (repeatable or comma-separated)",
+        help="run (or with --dry-run / --print-commands, list) only these runs "
+        "(repeatable or comma-separated)",
     )
     p.add_argument("--no-report", action="store_true", help="do not rebuild the report")
     p.set_defaults(func=cmd_sweep)

@@ -353,7 +353,9 @@ def select_runs(runs: list[Run], only: list[str] | None) -> list[Run]:
     wanted = [n for item in only for n in item.split(",") if n]
     bad = [n for n in wanted if n not in names]
     if bad:
-        raise SweepError(f"--only: no run named '{bad[0]}' in this sweep (see --dry-run)")
+        raise SweepError(
+            f"--only: no run named '{bad[0]}' in this sweep (see --dry-run without --only)"
+        )
     return [r for r in runs if r.name in wanted]
 
 
@@ -482,9 +484,15 @@ def _display_path(path: Path) -> str:
         return str(path)
 
 
-def commands(sweep: Sweep, root: str | Path = "sweeps", prog: str = "memzoo") -> list[str]:
-    """One shell line per run: ``memzoo train ...`` then its ``memzoo eval ...`` commands."""
-    runs = expand(sweep, root)
+def commands(
+    sweep: Sweep,
+    root: str | Path = "sweeps",
+    prog: str = "memzoo",
+    only: list[str] | None = None,
+) -> list[str]:
+    """One shell line per run (or per run named in ``only``): ``memzoo train ...`` then its
+    ``memzoo eval ...`` commands."""
+    runs = select_runs(expand(sweep, root), only)
     base = _display_path(sweep.base or CONFIG_ROOT / "base.yaml")
     lines = []
     for run in runs:
@@ -504,15 +512,23 @@ def commands(sweep: Sweep, root: str | Path = "sweeps", prog: str = "memzoo") ->
     return lines
 
 
-def dry_run_lines(sweep: Sweep, root: str | Path = "sweeps") -> list[str]:
+def dry_run_lines(
+    sweep: Sweep, root: str | Path = "sweeps", only: list[str] | None = None
+) -> list[str]:
+    """The expanded runs (those named in ``only``, numbered as in the whole sweep), their
+    status, the shared overrides and evals; every run's config is validated."""
     runs = expand(sweep, root)
     n = len(runs)
     width = len(str(n))
+    picked = {r.name for r in select_runs(runs, only)}
+    count = f"{len(picked)} of {n} runs" if only else f"{n} runs"
     lines = [
-        f"sweep {sweep.name}: {n} runs -> {sweep.runs_dir(root)}"
+        f"sweep {sweep.name}: {count} -> {sweep.runs_dir(root)}"
         + (f" (base {_display_path(sweep.base)})" if sweep.base else "")
     ]
     for i, run in enumerate(runs, 1):
+        if run.name not in picked:
+            continue
         settings = " ".join(f"{k}={v}" for k, v in run.settings.items())
         status = " [finished]" if is_finished(run.cfg.run_dir, run.cfg.steps) else ""
         lines.append(f"[{i:>{width}}/{n}] {run.name}{status}  {settings}")

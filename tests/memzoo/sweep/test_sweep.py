@@ -201,6 +201,32 @@ def test_print_commands_one_line_per_run(tmp_path, capsys):
     assert (tmp_path / "cmds" / "sweep.yaml").is_file()  # for `memzoo report` afterwards
 
 
+def test_only_narrows_dry_run_and_print_commands_and_rejects_unknown_names(tmp_path, capsys):
+    from memzoo.sweep.cli import main
+
+    path = tmp_path / "s.yaml"
+    grid = {"model": ["gla", "transformer", "deltanet"]}
+    path.write_text(yaml.safe_dump({"name": "o", "base": MQAR_TINY, "grid": grid}))
+    root = ["--root", str(tmp_path)]
+
+    assert main(["sweep", str(path), "--dry-run", "--only", "deltanet,gla", *root]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("sweep o: 2 of 3 runs -> ")
+    assert [ln.split()[:2] for ln in out if ln.startswith("[")] == [
+        ["[1/3]", "gla"],
+        ["[3/3]", "deltanet"],
+    ]
+    assert main(["sweep", str(path), "--print-commands", "--only", "transformer", *root]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "model=transformer" in lines[0]
+
+    for flag in ("--dry-run", "--print-commands"):
+        assert main(["sweep", str(path), flag, "--only", "gla_d64", *root]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert "no run named 'gla_d64' in this sweep" in captured.err
+
+
 # ----------------------------------------------------------------------------- running
 
 
