@@ -104,28 +104,19 @@ def token_ids(tokenizer: Any) -> dict[str, Any]:
 
 def probe(run: str | Path, rows: int, seq_len: int | None, seed: int, step: int | None) -> dict:
     """Load ``run`` and score it on ``rows`` fresh recall rows."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     from memzoo.data.passkey import recall_row
     from memzoo.data.tokenizer import build_tokenizer
-    from memzoo.evals.runner import load_run
+    from memzoo.evals.runner import EvalContext, load_run
 
     model, cfg, run_dir = load_run(run, step)
     tok = build_tokenizer(cfg.data)
+    ctx = EvalContext(model, cfg, tok, run_dir, int(model.restored_step))
     T = seq_len or int(cfg.seq_len)
     batch = [recall_row(tok, T, seed, n) for n in range(rows)]
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def logprobs(state, x):
-        logits, _ = nnx.merge(graphdef, state)(x)
-        return jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-
-    x = jnp.asarray(np.stack([r["inputs"] for r in batch]), jnp.int32)
-    out = score(np.asarray(logprobs(state, x)), batch, token_ids(tok))
-    return {"run": str(run_dir), "seq_len": T, **out}
+    logits = ctx.logits(np.stack([r["inputs"] for r in batch]))
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    out = score(logp, batch, token_ids(tok))
+    return {"run": str(run_dir), "step": ctx.step, "seq_len": T, **out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     a = ap.parse_args(argv)
     cols = ["pairs_loss", "repeat_loss", "lookup_loss", "repeat_digit_acc", "lookup_digit_acc"]
-    print("| run | T | " + " | ".join(cols) + " |")
-    print("|---|---:|" + "---:|" * len(cols))
+    print("| run | step | T | " + " | ".join(cols) + " |")
+    print("|---|---:|---:|" + "---:|" * len(cols))
     for run in a.runs:
         try:
             r = probe(run, a.rows, a.seq_len, a.seed, a.step)
@@ -146,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"recall_probe: {e}", file=sys.stderr)
             return 2
         vals = " | ".join(f"{r[c]:.3f}" if c in r else "-" for c in cols)
-        print(f"| {Path(r['run']).name} | {r['seq_len']} | {vals} |", flush=True)
+        print(f"| {Path(r['run']).name} | {r['step']} | {r['seq_len']} | {vals} |", flush=True)
     return 0
 
 
