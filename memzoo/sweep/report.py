@@ -143,6 +143,8 @@ def _run_row(sweep: Sweep, run, run_dir: Path, rec: dict[str, Any]) -> dict[str,
     cfg_dict: dict[str, Any] = {}
     if (run_dir / "config.yaml").is_file():
         cfg_dict = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    if "steps" in row and cfg_dict.get("steps") is not None:
+        row["steps"] = cfg_dict["steps"]  # the run's own: a sweep may raise steps after it ran
     last = latest_checkpoint(run_dir)
     status = rec.get("status")
     if status is None:
