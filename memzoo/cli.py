@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def _cmd_eval_task(task: str, run: str, overrides: list[str], args: argparse.Nam
     res = run_eval(task, run, overrides, step=args.step)
     print(f"{task} eval of {res['run_dir']} @ step {res['step']} -> {res['out_dir']}")
     print(res["table"], end="" if res["table"].endswith("\n") else "\n")
+    if args.json:  # a later eval of the same task overwrites out_dir; this copy stays
+        shutil.copyfile(Path(res["out_dir"]) / "results.json", args.json)
     return 0
 
 

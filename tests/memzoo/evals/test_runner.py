@@ -22,12 +22,15 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
-def test_cli_checkpoint_dir_and_options_after_settings(tiny_run, capsys):
+def test_cli_checkpoint_dir_and_options_after_settings(tiny_run, tmp_path, capsys):
     ckpt = tiny_run / "checkpoints" / "3"
-    assert main(["eval", "ppl", str(ckpt), "lengths=32", "--step", "3", "batches=1"]) == 0
+    copy = tmp_path / "ppl_step3.json"
+    args = ["eval", "ppl", str(ckpt), "lengths=32", "--step", "3", "batches=1", "--json", copy]
+    assert main([str(a) for a in args]) == 0
     assert "@ step 3" in capsys.readouterr().out
     rec = json.loads((tiny_run / "evals" / "ppl" / "results.json").read_text())
     assert rec["step"] == 3 and [c["length"] for c in rec["cells"]] == [32]
+    assert json.loads(copy.read_text()) == rec
 
 
 def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys):
