@@ -136,15 +136,17 @@ def count_params(cfg_dict: dict[str, Any]) -> int | None:
 
 
 def _run_row(sweep: Sweep, run, run_dir: Path, rec: dict[str, Any]) -> dict[str, Any]:
-    from memzoo.sweep.runner import latest_checkpoint
+    from memzoo.sweep.runner import DRIFT_IGNORED, flat_config, latest_checkpoint
     from memzoo.train.metrics import read_metrics
 
     row: dict[str, Any] = {"run": run.name, "cell": run.cell, **run.settings}
     cfg_dict: dict[str, Any] = {}
     if (run_dir / "config.yaml").is_file():
         cfg_dict = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    if "steps" in row and cfg_dict.get("steps") is not None:
-        row["steps"] = cfg_dict["steps"]  # the run's own: a sweep may raise steps after it ran
+    saved = flat_config(cfg_dict)
+    for key in run.settings:  # keys a sweep may change after a run trained: the run's own
+        if key.startswith(DRIFT_IGNORED) and saved.get(key) is not None:
+            row[key] = saved[key]
     last = latest_checkpoint(run_dir)
     status = rec.get("status")
     if status is None:

@@ -110,8 +110,8 @@ def is_finished(run_dir: str | Path, steps: int) -> bool:
 
 
 # Keys that may change between invocations of a run without changing what it computes
-# (``steps`` may be raised to extend a finished run).
-_DRIFT_IGNORED = (
+# (``steps`` may be raised to extend a finished run); the report shows a run's own value.
+DRIFT_IGNORED = (
     "train.",
     "sample.",
     "mesh.",
@@ -125,11 +125,11 @@ _DRIFT_IGNORED = (
 )
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -144,14 +144,17 @@ def config_drift(run_dir: str | Path, cfg: Any) -> list[str]:
     from memzoo.config import Config
 
     # keys added to the config since the run was saved count as their defaults
-    saved = {**_flat(Config().to_dict()), **_flat(yaml.safe_load(path.read_text()) or {})}
-    want = _flat(cfg.to_dict())
+    saved = {
+        **flat_config(Config().to_dict()),
+        **flat_config(yaml.safe_load(path.read_text()) or {}),
+    }
+    want = flat_config(cfg.to_dict())
     if not want.get("model.vocab_size"):
         want["model.vocab_size"] = saved.get("model.vocab_size")  # filled in by train
     return [
         k
         for k in sorted(set(saved) | set(want))
-        if not k.startswith(_DRIFT_IGNORED) and saved.get(k) != want.get(k)
+        if not k.startswith(DRIFT_IGNORED) and saved.get(k) != want.get(k)
     ]
 
 

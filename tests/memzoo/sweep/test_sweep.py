@@ -580,8 +580,10 @@ def test_config_drift_ignores_keys_added_since_and_execution_keys(tmp_path):
 
 def test_report_takes_steps_from_the_run_when_the_sweep_raised_them(tmp_path):
     """A sweep file may raise ``steps`` after its runs finished (constant lr: the sweep then
-    extends them); until they are extended, the report says the steps they ran."""
-    spec = {"name": "ext", "grid": {"model": ["gla", "transformer"], "steps": [20]}}
+    extends them); until they are extended, the report says the steps they ran. So for every
+    key the sweep lets change between a run's invocations (``train.*`` too)."""
+    grid = {"model": ["gla", "transformer"], "steps": [20], "train.grad_accum": [2]}
+    spec = {"name": "ext", "grid": grid}
     sweep_dir = tmp_path / "ext"
     sweep_dir.mkdir()
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -589,10 +591,15 @@ def test_report_takes_steps_from_the_run_when_the_sweep_raised_them(tmp_path):
     status = {"runs": {}}
     for r, saved_steps in zip(runs, (10, 20), strict=True):
         _fake_run(sweep_dir / "runs" / r.name, 1.0, 0.5, 0.5)  # last checkpoint: step 10
-        (sweep_dir / "runs" / r.name / "config.yaml").write_text(f"steps: {saved_steps}\n")
+        saved = {
+            "steps": saved_steps,
+            **({"train": {"grad_accum": 1}} if saved_steps == 10 else {}),
+        }
+        (sweep_dir / "runs" / r.name / "config.yaml").write_text(yaml.safe_dump(saved))
     status["runs"][runs[0].name] = {"status": "finished", "params": 1000, "train_wall_s": 2.0}
     (sweep_dir / "status.json").write_text(json.dumps(status))
     rows = {r["run"]: r for r in build_report(sweep_dir)["rows"]}
     done, extending = rows[runs[0].name], rows[runs[1].name]
     assert (done["steps"], done["status"]) == (10, "finished")
     assert (extending["steps"], extending["status"]) == (20, "incomplete")
+    assert (done["train.grad_accum"], extending["train.grad_accum"]) == (1, 2)
