@@ -110,7 +110,8 @@ def is_finished(run_dir: str | Path, steps: int) -> bool:
 
 
 # Keys that may change between invocations of a run without changing what it computes
-# (``steps`` may be raised to extend a finished run); the report shows a run's own value.
+# (``steps`` may be raised to extend a finished run: under a decaying schedule train warns
+# that this is not a fresh longer run); the report shows a run's own value.
 DRIFT_IGNORED = (
     "train.",
     "sample.",

@@ -40,7 +40,7 @@ from memzoo.train.checkpoint import (
     shape_mismatch,
 )
 from memzoo.train.metrics import MetricsWriter, flops_per_token
-from memzoo.train.optim import make_optimizer
+from memzoo.train.optim import make_optimizer, schedule_change
 from memzoo.train.sharding import (
     batch_sharding,
     build_mesh,
@@ -90,7 +90,8 @@ class _StopFlag:
 EXECUTION_KEYS = ("impl", "kernel_block_v", "kernel_interpret", "remat")
 
 
-def _check_resume_compatible(cfg: Config, saved_path: Path) -> None:
+def _check_resume_compatible(cfg: Config, saved_path: Path) -> dict[str, Any]:
+    """The saved config of an existing run, after checking ``cfg`` may resume it."""
     with open(saved_path) as f:
         saved = yaml.safe_load(f) or {}
     now = cfg.to_dict()
@@ -109,6 +110,7 @@ def _check_resume_compatible(cfg: Config, saved_path: Path) -> None:
                 f"run '{cfg.run_name}' already exists with data.{key}="
                 f"{saved.get('data', {}).get(key)!r}; use another run_name"
             )
+    return saved
 
 
 def _check_init_from(cfg: Config, abstract: Any) -> tuple[Path, int] | None:
@@ -185,8 +187,7 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
             f"vocabulary ({tokenizer.vocab_size})"
         )
     saved = run_dir / "config.yaml"
-    if saved.exists():
-        _check_resume_compatible(cfg, saved)
+    saved_cfg = _check_resume_compatible(cfg, saved) if saved.exists() else None
 
     mesh = build_mesh(cfg)
     b_sh = batch_sharding(mesh, cfg)
@@ -240,6 +241,9 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
         start = int(data_state["step"])
         if main:
             _log(f"resuming run '{cfg.run_name}' from step {start} ({run_dir / 'checkpoints'})")
+            change = schedule_change(saved_cfg, cfg, start) if saved_cfg else None
+            if change:
+                _log(f"warning: {change}")
     elif init_from is not None:
         params, _ = restore_params(init_from[0], params, init_from[1])
         if main:

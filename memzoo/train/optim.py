@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
+import numpy as np
 import optax
 
 from memzoo.config import Config, OptimConfig
@@ -45,3 +49,36 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
         ),
     )
     return tx, schedule
+
+
+def schedule_change(saved: dict[str, Any], cfg: Config, step: int) -> str | None:
+    """How the learning rate of a run resumed at ``step`` departs from the schedule in its
+    saved config.yaml (``saved``), or None when the rest of that schedule is unchanged.
+
+    A cosine or wsd schedule decays over ``steps``, so raising ``steps`` to extend a run
+    rebuilds the decay from the resume step on: the result is not a fresh run of the new
+    length. A constant schedule past its warmup is unaffected by ``steps``."""
+    names = {f.name for f in dataclasses.fields(OptimConfig)}
+    saved_optim = {k: v for k, v in (saved.get("optim") or {}).items() if k in names}
+    old_o = dataclasses.replace(OptimConfig(), **saved_optim)  # keys added later: defaults
+    old_steps = int(saved.get("steps", cfg.steps))
+    old, new = lr_schedule(old_o, old_steps), lr_schedule(cfg.optim, cfg.steps)
+    end = max(min(old_steps, cfg.steps), step + 1)
+    at = np.arange(step, end, dtype=np.int32)
+    a, b = np.asarray(old(at)), np.asarray(new(at))
+    differ = ~np.isclose(a, b, rtol=1e-6, atol=0.0)
+    if not differ.any():
+        return None
+    i = int(np.argmax(differ))
+    changed = [f"steps {old_steps} -> {cfg.steps}"] if old_steps != cfg.steps else []
+    changed += [
+        f"optim.{k} {getattr(old_o, k)} -> {getattr(cfg.optim, k)}"
+        for k in sorted(names)
+        if getattr(old_o, k) != getattr(cfg.optim, k)
+    ]
+    return (
+        f"run '{cfg.run_name}' resumes at step {step} with a different learning-rate schedule "
+        f"({', '.join(changed)}): at step {int(at[i])} it gives lr {b[i]:.3g} where the saved "
+        f"one gave {a[i]:.3g}, so the resumed run is not the same as a fresh run of "
+        f"{cfg.steps} steps (for that, train it under another run_name)"
+    )

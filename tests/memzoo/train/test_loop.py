@@ -182,6 +182,22 @@ def test_stop_and_resume_is_exact(base_run, tmp_path):
     assert steps == list(range(1, STEPS + 1))
 
 
+def test_resuming_under_a_changed_schedule_warns(base_run, tmp_path, capsys):
+    cfg, _ = base_run
+    copy_run(cfg.run_dir, tmp_path)
+    capsys.readouterr()
+    train(make_cfg(tmp_path, steps=STEPS + 2))  # constant lr: raising steps changes nothing
+    assert "learning-rate schedule" not in capsys.readouterr().err
+    saved = make_cfg(tmp_path).run_dir / "config.yaml"
+    d = yaml.safe_load(saved.read_text())
+    d["optim"]["schedule"] = "cosine"  # as if it had trained (and decayed) under cosine
+    saved.write_text(yaml.safe_dump(d))
+    train(make_cfg(tmp_path, steps=STEPS + 4))
+    err = capsys.readouterr().err
+    assert f"warning: run '{cfg.run_name}' resumes at step {STEPS + 2}" in err
+    assert f"steps {STEPS + 2} -> {STEPS + 4}, optim.schedule cosine -> constant" in err
+
+
 def test_stop_on_a_checkpoint_step_saves_once(tmp_path):
     # the periodic save and the stop save fall on the same step: one checkpoint, no error
     first = train(make_cfg(tmp_path, "train.checkpoint_every=4", steps=8), stop_at=4)
