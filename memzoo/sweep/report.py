@@ -512,8 +512,21 @@ def loss_curve_panels(
     panels = {}
     for cell in sorted(cells, key=lambda c: [(v is None, _number(v) or 0) for v in c]):
         title = " ".join(f"{k} {v}" for k, v in zip(panel_keys, cell))
-        panels[title] = [(r["run"] if by_name else _label(r, series_keys), r) for r in cells[cell]]
+        panels[title] = [
+            ((r["run"] if by_name else _label(r, series_keys)) + _stopped(r), r)
+            for r in cells[cell]
+        ]
     return panels
+
+
+def _stopped(row: dict[str, Any]) -> str:
+    """A label suffix for a run not (yet) at its steps: interrupted, failed or still running,
+    its ``steps`` setting would otherwise name a length its curve never reached."""
+    step, steps = _number(row.get("final_step")), _number(row.get("steps"))
+    short = row.get("status") in ("interrupted", "failed", "incomplete", "running")
+    if not short or step is None or (steps is not None and step >= steps):
+        return ""
+    return f" (to step {int(step)})"
 
 
 def plot_loss_curves(
@@ -585,12 +598,13 @@ def _niah_matrix(record: dict[str, Any]) -> tuple[list[list[float]], list[Any], 
     return m, depths, lengths
 
 
-def plot_niah_grid(
-    sweep: Sweep, rows: list[dict[str, Any]], sweep_dir: Path, out: Path
-) -> Path | None:
+def niah_panels(
+    sweep: Sweep, rows: list[dict[str, Any]], sweep_dir: Path
+) -> list[tuple[str, list[list[float]], list[Any], list[Any]]]:
+    """(title, string_match[depth][length], depths, lengths) per run and NIAH eval. A title
+    names the run and the checkpoint step the eval read, which need not be the run's last
+    (an eval kept from before the run was extended, say)."""
     niah = [ev for ev in sweep.evals if ev.task == "niah"]
-    if not niah:
-        return None
     chosen = [r for r in rows if r.get("best_lr")] if sweep.lr_sweep else rows
     panels = []
     for r in chosen or rows:
@@ -600,7 +614,16 @@ def plot_niah_grid(
             if path is not None and path.is_file():
                 rec = json.loads(path.read_text())
                 title = r["run"] if len(niah) == 1 else f"{r['run']} ({ev.name})"
+                if rec.get("step") is not None:
+                    title += f"\nat step {rec['step']}"
                 panels.append((title, *_niah_matrix(rec)))
+    return panels
+
+
+def plot_niah_grid(
+    sweep: Sweep, rows: list[dict[str, Any]], sweep_dir: Path, out: Path
+) -> Path | None:
+    panels = niah_panels(sweep, rows, sweep_dir)
     if not panels:
         return None
     panels = panels[:MAX_PANELS]

@@ -10,7 +10,13 @@ import yaml
 from tiny_runs import REPO
 
 from memzoo.sweep import runner as sweep_runner
-from memzoo.sweep.report import build_report, flatten_eval, loss_curve_panels, series_styles
+from memzoo.sweep.report import (
+    build_report,
+    flatten_eval,
+    loss_curve_panels,
+    niah_panels,
+    series_styles,
+)
 from memzoo.sweep.spec import SweepError, expand, format_number, load_sweep, parse_sweep
 
 MQAR_TINY = str(REPO / "configs" / "train" / "mqar_tiny.yaml")
@@ -393,6 +399,38 @@ def test_report_plots_and_best_lr_from_run_files(tmp_path):
         assert col in header
     assert header[:6] == ["run", "model", "model.d_model", "seq_len", "data.mqar_num_pairs",
                           "optim.lr"]  # fmt: skip
+
+
+def test_plots_say_where_a_run_stopped_and_which_step_an_eval_read(tmp_path):
+    """An interrupted run's legend entry gives the step its curve reached (not only its
+    ``steps`` setting), and a heatmap panel the checkpoint step its NIAH eval read."""
+    spec = {
+        "name": "st",
+        "grid": {"model": ["gla", "transformer"], "steps": [10]},
+        "evals": [{"task": "niah"}],
+    }
+    sweep_dir = tmp_path / "st"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    sweep = parse_sweep(spec)
+    gla, tf = (r.name for r in expand(sweep, tmp_path, validate=False))
+    for name in (gla, tf):
+        _fake_run(sweep_dir / "runs" / name, 2.0, 0.5, 0.5)
+    (sweep_dir / "runs" / tf / "checkpoints" / "10").rename(
+        sweep_dir / "runs" / tf / "checkpoints" / "6"
+    )
+    res = sweep_dir / "runs" / tf / "evals" / "niah" / "results.json"
+    res.write_text(json.dumps({**json.loads(res.read_text()), "step": 4}))
+    status = {"runs": {gla: {"status": "finished"}, tf: {"status": "interrupted"}}}
+    (sweep_dir / "status.json").write_text(json.dumps(status))
+    out = build_report(sweep_dir)
+    assert "niah_heatmaps.png" in {p.name for p in out["plots"]}
+    labels = [
+        lab for members in loss_curve_panels(sweep, out["rows"]).values() for lab, _ in members
+    ]
+    assert labels == [gla, f"{tf} (to step 6)"]  # no panels: lines named by run
+    titles = [t for t, *_ in niah_panels(sweep, out["rows"], sweep_dir)]
+    assert titles == [f"{gla}\nat step 10", f"{tf}\nat step 4"]
 
 
 def test_ablation_sweep_gets_accuracy_per_run_bars(tmp_path):
