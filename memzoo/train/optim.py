@@ -51,6 +51,10 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
     return tx, schedule
 
 
+SCHEDULE_KEYS = ("lr", "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction")
+"""The OptimConfig fields ``lr_schedule`` reads (with ``steps``)."""
+
+
 def schedule_change(saved: dict[str, Any], cfg: Config, step: int) -> str | None:
     """How the learning rate of a run resumed at ``step`` departs from the schedule in its
     saved config.yaml (``saved``), or None when the rest of that schedule is unchanged.
@@ -73,7 +77,7 @@ def schedule_change(saved: dict[str, Any], cfg: Config, step: int) -> str | None
     changed = [f"steps {old_steps} -> {cfg.steps}"] if old_steps != cfg.steps else []
     changed += [
         f"optim.{k} {getattr(old_o, k)} -> {getattr(cfg.optim, k)}"
-        for k in sorted(names)
+        for k in SCHEDULE_KEYS
         if getattr(old_o, k) != getattr(cfg.optim, k)
     ]
     return (

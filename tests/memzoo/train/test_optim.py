@@ -59,6 +59,12 @@ def test_changed_optimiser_settings_are_named():
     saved = saved_of(cfg_with("optim.schedule=constant", "optim.lr=1e-3"))
     msg = schedule_change(saved, cfg_with("optim.schedule=constant", "optim.lr=2e-3"), 300)
     assert msg is not None and "optim.lr 0.001 -> 0.002" in msg and "gives lr 0.002" in msg
+    # a setting the schedule does not read is not named as part of it
+    other = cfg_with("optim.schedule=constant", "optim.lr=2e-3", "optim.weight_decay=0.5")
+    msg = schedule_change(saved, other, 300)
+    assert msg is not None and "optim.lr 0.001 -> 0.002" in msg and "weight_decay" not in msg
+    assert schedule_change(saved, cfg_with("optim.schedule=constant", "optim.lr=1e-3",
+                                           "optim.weight_decay=0.5"), 300) is None  # fmt: skip
     # a key missing from an old config.yaml counts as its default, not as the new value
     old = saved_of(cfg_with())
     del old["optim"]["min_lr_ratio"]
