@@ -6,8 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from memzoo.config import load_config
-from memzoo.train.optim import lr_schedule, schedule_change
+from memzoo.config import OptimConfig, load_config
+from memzoo.train.optim import SCHEDULE_KEYS, lr_schedule, schedule_change
 
 QUICKSTART = "configs/train/quickstart.yaml"
 
@@ -72,3 +72,17 @@ def test_changed_optimiser_settings_are_named():
     assert "optim.min_lr_ratio 0.1 -> 0.5" in schedule_change(
         old, cfg_with("optim.min_lr_ratio=0.5"), 10
     )
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(OptimConfig)])
+def test_schedule_keys_are_the_fields_the_schedule_reads(field):
+    """SCHEDULE_KEYS (what the resume warning names) must follow ``lr_schedule``: a field
+    changes the schedule exactly when it is listed."""
+    base = OptimConfig(schedule="wsd")
+    value = getattr(base, field)
+    changed = dataclasses.replace(
+        base, **{field: "cosine" if isinstance(value, str) else value * 2}
+    )
+    at = np.arange(1000)
+    moved = not np.allclose(lr_schedule(base, 1000)(at), lr_schedule(changed, 1000)(at))
+    assert moved == (field in SCHEDULE_KEYS)
