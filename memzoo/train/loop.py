@@ -13,6 +13,7 @@ over the config's mesh (:mod:`memzoo.train.sharding`); several hosts train toget
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 import time
@@ -322,17 +323,24 @@ def train(cfg: Config, *, stop_at: int | None = None) -> dict[str, Any]:
                     which = _describe_nonfinite(
                         row_loss, params, batch, local, data, tokenizer, step
                     )
+                    what = "loss" if not math.isfinite(loss) else "gradient"
                     if cfg.train.on_nonfinite == "stop":
+                        latest = ckpt.latest_step()
+                        kept = (
+                            f"the latest checkpoint (step {latest}) is intact"
+                            if latest is not None
+                            else "no checkpoint was written yet, so a rerun starts at step 0"
+                        )
                         raise TrainingError(
-                            f"non-finite loss at step {step} (loss={loss}, grad_norm="
+                            f"non-finite {what} at step {step} (loss={loss}, grad_norm="
                             f"{float(m['grad_norm'])}); {which}; parameters were not updated "
-                            f"and the latest checkpoint (step {ckpt.latest_step()}) is intact. "
+                            f"and {kept}. "
                             "Lower optim.lr, or set train.on_nonfinite=skip to skip such steps"
                         )
                     skipped += 1
                     if main:
                         _log(
-                            f"step {step}: non-finite loss, update skipped ({skipped} so far); "
+                            f"step {step}: non-finite {what}, update skipped ({skipped} so far); "
                             f"{which}"
                         )
                     if skipped > cfg.train.max_skipped_steps:

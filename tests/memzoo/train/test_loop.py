@@ -85,6 +85,16 @@ def nan_loss(orig):
     return patched
 
 
+def nan_grad_loss(orig):
+    """The same loss value with a NaN gradient: d/ds sqrt(0 * s) is 0 * inf."""
+
+    def patched(model, batch):
+        s, n = orig(model, batch)
+        return s + 0.0 * jnp.sqrt(0.0 * s), n
+
+    return patched
+
+
 @partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, inputs, segment_ids):
     return nnx.merge(graphdef, state)(inputs, segment_ids=segment_ids)[0]
@@ -310,6 +320,19 @@ def test_nonfinite_stop_raises_and_keeps_checkpoint(base_run, tmp_path, monkeypa
     for a, b in zip(leaves(after), leaves(before), strict=True):
         assert np.all(np.isfinite(a))
         np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_gradient_before_any_checkpoint_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(step_mod, "lm_loss", nan_grad_loss(step_mod.lm_loss))
+    cfg = make_cfg(tmp_path, "train.checkpoint_every=100", steps=3)
+    with pytest.raises(TrainingError) as exc:
+        train(cfg)
+    msg = str(exc.value)
+    assert msg.startswith("non-finite gradient at step 1 (loss="), msg
+    assert "grad_norm=nan" in msg
+    assert "no checkpoint was written yet, so a rerun starts at step 0" in msg
+    assert "step None" not in msg
+    assert latest_step(tmp_path / cfg.run_name) is None
 
 
 def test_nonfinite_skip_completes_without_updates(base_run, tmp_path, monkeypatch):
