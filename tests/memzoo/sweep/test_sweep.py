@@ -181,6 +181,39 @@ def test_shipped_sweep_set():
     assert models == set(available_models())
 
 
+def test_titans_mac_stability_reruns_mqar_zoo_cells_with_one_setting_changed(tmp_path):
+    """Its rows are read against mqar_zoo's rows of the same cell: each run differs from that
+    row in exactly the one setting its name says."""
+    import dataclasses
+
+    def settings(run):
+        flat = {}
+        for section, values in dataclasses.asdict(run.cfg).items():
+            if section in ("run_name", "output_dir"):
+                continue
+            if isinstance(values, dict):
+                flat.update({f"{section}.{k}": v for k, v in values.items()})
+            else:
+                flat[section] = values
+        return flat
+
+    sweeps = REPO / "configs" / "sweeps"
+    zoo = {r.name: r for r in expand(load_sweep(sweeps / "mqar_zoo.yaml"), tmp_path)}
+    runs = expand(load_sweep(sweeps / "titans_mac_stability.yaml"), tmp_path)
+    expected = {
+        "titans_mac_d128_T128_kv8_eta_max-0.1": {"model.gm_eta_max": (None, 0.1)},
+        "titans_mac_d64_T256_kv16_eta_max-0.1": {"model.gm_eta_max": (None, 0.1)},
+        "titans_mac_d64_T256_kv16_algorithm-gd": {"model.gm_algorithm": (None, "gd")},
+        "titans_mac_d64_T256_kv16_lr1e-3": {"optim.lr": (0.003, 0.001)},
+    }
+    assert [r.name for r in runs] == list(expected)
+    for run in runs:
+        cell = "_".join(run.name.split("_")[:5])  # titans_mac_dD_TT_kvK
+        mine, theirs = settings(run), settings(zoo[cell])
+        changed = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
+        assert changed == expected[run.name], run.name
+
+
 def test_print_commands_one_line_per_run(tmp_path, capsys):
     from memzoo.sweep.cli import main
 

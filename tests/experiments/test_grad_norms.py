@@ -1,0 +1,51 @@
+"""experiments/grad_norms.py: per-parameter and per-sublayer gradient norms of a checkpoint
+(the probe behind the titans_mac_stability reading)."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import optax
+from experiment_scripts import load_script
+from flax import nnx
+from tiny_runs import REPO
+
+from memzoo.config import load_config
+from memzoo.data.pipeline import make_train_iterator
+from memzoo.data.tokenizer import build_tokenizer
+from memzoo.models.lm import build_model
+
+gn = load_script("grad_norms")
+
+
+def test_group_of_splits_blocks_by_sublayer_and_a_mixer_by_part():
+    assert gn.group_of("blocks/0/mixer/mem/memory/theta_W1") == "blocks/0/mixer/mem"
+    assert gn.group_of("blocks/0/mixer/h_norm/scale") == "blocks/0/mixer/h_norm"
+    assert gn.group_of("blocks/3/mixer/q_proj") == "blocks/3/mixer"  # a plain mixer's leaf
+    assert gn.group_of("blocks/1/mlp/up/kernel") == "blocks/1/mlp"
+    assert gn.group_of("blocks/1/norm1/scale") == "blocks/1/norm1"
+    assert gn.group_of("embed/embedding") == "embed"
+
+
+def test_norms_of_a_titans_mac_gradient_add_up_to_the_global_norm():
+    cfg = load_config(
+        REPO / "configs" / "train" / "mqar_tiny.yaml",
+        ["model=titans_mac", "model.n_layers=2", "model.d_model=32", "seq_len=64", "batch_size=4"],
+    )
+    cfg.model.vocab_size = build_tokenizer(cfg.data).vocab_size
+    model = build_model(cfg.model, seed=0)
+    data = make_train_iterator(cfg.data, None, batch_size=4, seq_len=64, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in next(data).items()}
+    graphdef, state = nnx.split(model)
+    loss, grads = gn.make_grad(graphdef)(state, batch)
+    norms = gn.param_norms(grads)
+    assert len(norms) == len(nnx.state(model, nnx.Param).flat_state())
+    assert "embed/embedding" in norms and "blocks/0/mixer/mem/in_proj/kernel" in norms
+    assert not any(k.endswith("value") for k in norms)
+    groups = gn.group_norms(norms)
+    assert {"embed", "blocks/0/mixer/mem", "blocks/0/mixer/attn", "blocks/1/mlp"} <= set(groups)
+    total = float(optax.global_norm(grads))
+    assert total > 0 and math.isfinite(float(loss))
+    assert math.isclose(math.sqrt(sum(v * v for v in groups.values())), total, rel_tol=1e-5)
+    assert math.isclose(math.sqrt(sum(v * v for v in norms.values())), total, rel_tol=1e-5)
