@@ -493,7 +493,7 @@ def loss_curve_panels(
     (width, length) order. A panel per width and length the rows vary over; in a panel a run
     is named by the settings that vary inside panels (the architecture, say), so one legend
     serves every panel. Runs are named in full where those settings do not tell them apart."""
-    keys = [k for k in sweep.setting_keys() if k != "optim.lr"]
+    keys = [k for k in sweep.setting_keys() if not (sweep.lr_sweep and k == "optim.lr")]
 
     def varies(k: str) -> bool:
         return len({r.get(k) for r in rows}) > 1
@@ -521,8 +521,11 @@ def loss_curve_panels(
 
 def _stopped(row: dict[str, Any]) -> str:
     """A label suffix for a run not (yet) at its steps: interrupted, failed or still running,
-    its ``steps`` setting would otherwise name a length its curve never reached."""
-    step, steps = _number(row.get("final_step")), _number(row.get("steps"))
+    its ``steps`` setting would otherwise name a length its curve never reached. The step is
+    the curve's last (``_last_step``, set by the loss figure) or else the last checkpoint's."""
+    last = row.get("_last_step")
+    step = _number(last if last is not None else row.get("final_step"))
+    steps = _number(row.get("steps"))
     short = row.get("status") in ("interrupted", "failed", "incomplete", "running")
     if not short or step is None or (steps is not None and step >= steps):
         return ""
@@ -545,7 +548,9 @@ def plot_loss_curves(
             curves[r["run"]] = ([x["step"] for x in m], [x["loss"] for x in m])
     if not curves:
         return None
-    panels = loss_curve_panels(sweep, [r for r in chosen if r["run"] in curves])
+    panels = loss_curve_panels(
+        sweep, [{**r, "_last_step": curves[r["run"]][0][-1]} for r in chosen if r["run"] in curves]
+    )
     labels = list(dict.fromkeys(lab for members in panels.values() for lab, _ in members))
     plt = _pyplot()
     styles = series_styles(labels, plt)

@@ -11,6 +11,7 @@ from tiny_runs import REPO
 
 from memzoo.sweep import runner as sweep_runner
 from memzoo.sweep.report import (
+    _stopped,
     build_report,
     flatten_eval,
     loss_curve_panels,
@@ -205,6 +206,7 @@ def test_titans_mac_stability_reruns_mqar_zoo_cells_with_one_setting_changed(tmp
         "titans_mac_d64_T256_kv16_eta_max-0.1": {"model.gm_eta_max": (None, 0.1)},
         "titans_mac_d64_T256_kv16_algorithm-gd": {"model.gm_algorithm": (None, "gd")},
         "titans_mac_d64_T256_kv16_lr1e-3": {"optim.lr": (0.003, 0.001)},
+        "titans_mac_d64_T256_kv16_titans_segment-256": {"model.titans_segment": (64, 256)},
     }
     assert [r.name for r in runs] == list(expected)
     for run in runs:
@@ -462,8 +464,36 @@ def test_plots_say_where_a_run_stopped_and_which_step_an_eval_read(tmp_path):
         lab for members in loss_curve_panels(sweep, out["rows"]).values() for lab, _ in members
     ]
     assert labels == [gla, f"{tf} (to step 6)"]  # no panels: lines named by run
+    # the loss figure passes each curve's last logged step, which can pass the last checkpoint
+    # (a failed run logs steps after it) or stand where no checkpoint was written
+    tf_row = next(r for r in out["rows"] if r["run"] == tf)
+    assert _stopped({**tf_row, "_last_step": 8}) == " (to step 8)"
+    assert _stopped({**tf_row, "final_step": None, "_last_step": 3}) == " (to step 3)"
+    assert _stopped({**tf_row, "status": "finished", "_last_step": 8}) == ""
     titles = [t for t, *_ in niah_panels(sweep, out["rows"], sweep_dir)]
     assert titles == [f"{gla}\nat step 10", f"{tf}\nat step 4"]
+
+
+def test_an_outer_lr_set_by_a_run_names_its_loss_curve_without_an_lr_sweep():
+    """optim.lr is left out of the series labels only where lr_sweep picks it per cell."""
+    spec = {
+        "name": "lr",
+        "runs": [
+            {"model.d_model": 64, "model.gm_algorithm": "gd"},
+            {"model.d_model": 64, "optim.lr": 0.001},
+            {"model.d_model": 128, "model.gm_algorithm": "gd"},
+        ],
+    }
+    rows = [
+        {"run": "a", "model.d_model": 64, "model.gm_algorithm": "gd"},
+        {"run": "b", "model.d_model": 64, "optim.lr": 0.001},
+        {"run": "c", "model.d_model": 128, "model.gm_algorithm": "gd"},
+    ]
+    panels = loss_curve_panels(parse_sweep(spec), rows)
+    assert {t: [lab for lab, _ in m] for t, m in panels.items()} == {
+        "model.d_model 64": ["gd", "0.001"],
+        "model.d_model 128": ["gd"],
+    }
 
 
 def test_ablation_sweep_gets_accuracy_per_run_bars(tmp_path):
