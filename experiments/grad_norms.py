@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import math
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,17 +29,7 @@ from flax import nnx
 import memzoo
 from memzoo.data.pipeline import make_train_iterator
 from memzoo.data.tokenizer import build_tokenizer
-from memzoo.train.step import lm_loss
-
-
-def make_grad(graphdef: nnx.GraphDef) -> Callable:
-    """Jitted (mean loss, gradient) of the model's state on one batch."""
-
-    def mean_loss(state, batch):
-        total, count = lm_loss(nnx.merge(graphdef, state), batch)
-        return total / count
-
-    return jax.jit(jax.value_and_grad(mean_loss))
+from memzoo.train.step import make_loss_grad
 
 
 def param_norms(grads: Any) -> dict[str, float]:
@@ -90,7 +79,7 @@ def main() -> None:
         seed=cfg.seed,
     )
     graphdef, state = nnx.split(model)
-    grad = make_grad(graphdef)
+    grad = make_loss_grad(graphdef)
     print(f"{args.run_dir} at step {model.restored_step}")
     for i in range(args.batches):
         batch = {k: jnp.asarray(v) for k, v in next(data).items()}

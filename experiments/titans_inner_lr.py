@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -36,7 +34,7 @@ from memzoo.config import load_config
 from memzoo.data.pipeline import make_train_iterator
 from memzoo.data.tokenizer import build_tokenizer
 from memzoo.models.lm import build_model
-from memzoo.train.step import lm_loss
+from memzoo.train.step import make_loss_grad
 
 MQAR_TINY = Path(__file__).resolve().parents[1] / "configs" / "train" / "mqar_tiny.yaml"
 SWEEP = [  # configs/sweeps/titans_ablation.yaml's shared overrides
@@ -46,16 +44,6 @@ SWEEP = [  # configs/sweeps/titans_ablation.yaml's shared overrides
     "model.d_model=64",
     "model=titans_lmm",
 ]
-
-
-def make_step(graphdef: nnx.GraphDef) -> Callable:
-    """Jitted (mean loss, gradient) of the model's parameters state on one batch."""
-
-    def mean_loss(state, batch):
-        total, count = lm_loss(nnx.merge(graphdef, state), batch)
-        return total / count
-
-    return jax.jit(jax.value_and_grad(mean_loss))
 
 
 def grad_norm(overrides: list[str], seeds: int) -> tuple[float, float]:
@@ -71,7 +59,7 @@ def grad_norm(overrides: list[str], seeds: int) -> tuple[float, float]:
         )
         batch = {k: jnp.asarray(v) for k, v in next(iter(data)).items()}
         graphdef, state = nnx.split(model)
-        step = step or make_step(graphdef)  # one compile per setting; the seeds reuse it
+        step = step or make_loss_grad(graphdef)  # one compile per setting; the seeds reuse it
         loss, grads = step(state, batch)
         norms.append(float(optax.global_norm(grads)))
         losses.append(float(loss))

@@ -136,6 +136,19 @@ def make_train_step(
     )
 
 
+def make_loss_grad(graphdef: Any):
+    """Jitted ``(state, batch) -> (mean next-token loss, its gradient)`` for a model state
+    (``lm_loss`` without the auxiliary losses, no optimiser): for probes that inspect the
+    outer gradient of a model or a checkpoint (experiments/titans_inner_lr.py,
+    experiments/grad_norms.py)."""
+
+    def mean_loss(state, batch):
+        total, count = lm_loss(nnx.merge(graphdef, state), batch)
+        return total / count
+
+    return jax.jit(jax.value_and_grad(mean_loss))
+
+
 def make_row_loss(graphdef: Any):
     """Jitted summed training NLL of each batch row on its own, ``[B]`` (``lm_loss`` per row),
     used only after a non-finite step, to name the offending input rows."""

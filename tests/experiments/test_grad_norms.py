@@ -15,6 +15,7 @@ from memzoo.config import load_config
 from memzoo.data.pipeline import make_train_iterator
 from memzoo.data.tokenizer import build_tokenizer
 from memzoo.models.lm import build_model
+from memzoo.train.step import make_loss_grad
 
 gn = load_script("grad_norms")
 
@@ -38,7 +39,7 @@ def test_norms_of_a_titans_mac_gradient_add_up_to_the_global_norm():
     data = make_train_iterator(cfg.data, None, batch_size=4, seq_len=64, seed=0)
     batch = {k: jnp.asarray(v) for k, v in next(data).items()}
     graphdef, state = nnx.split(model)
-    loss, grads = gn.make_grad(graphdef)(state, batch)
+    loss, grads = make_loss_grad(graphdef)(state, batch)
     norms = gn.param_norms(grads)
     assert len(norms) == len(nnx.state(model, nnx.Param).flat_state())
     assert "embed/embedding" in norms and "blocks/0/mixer/mem/in_proj/kernel" in norms

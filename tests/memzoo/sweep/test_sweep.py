@@ -185,18 +185,10 @@ def test_shipped_sweep_set():
 def test_titans_mac_stability_reruns_mqar_zoo_cells_with_one_setting_changed(tmp_path):
     """Its rows are read against mqar_zoo's rows of the same cell: each run differs from that
     row in exactly the one setting its name says."""
-    import dataclasses
 
     def settings(run):
-        flat = {}
-        for section, values in dataclasses.asdict(run.cfg).items():
-            if section in ("run_name", "output_dir"):
-                continue
-            if isinstance(values, dict):
-                flat.update({f"{section}.{k}": v for k, v in values.items()})
-            else:
-                flat[section] = values
-        return flat
+        flat = sweep_runner.flat_config(run.cfg.to_dict())
+        return {k: v for k, v in flat.items() if k not in ("run_name", "output_dir")}
 
     sweeps = REPO / "configs" / "sweeps"
     zoo = {r.name: r for r in expand(load_sweep(sweeps / "mqar_zoo.yaml"), tmp_path)}
