@@ -244,6 +244,14 @@ def _run_evals(sweep: Sweep, run: Run, run_dir: Path, step: int | None, say) -> 
     return notes
 
 
+def _wall(t_train: float | None, before: float) -> dict:
+    """``train_wall_s`` of a run whose training raised: earlier sessions' time plus this one's
+    (empty when the failure came after training, whose time is already recorded)."""
+    if t_train is None:
+        return {}
+    return {"train_wall_s": round(before + time.perf_counter() - t_train, 3)}
+
+
 def run_one(
     sweep: Sweep, run: Run, root: str | Path = "sweeps", say: Callable[[str], None] = print
 ) -> str:
@@ -258,6 +266,8 @@ def run_one(
     prev = read_status(sweep_dir)["runs"].get(run.name, {})
     outcome = "skipped"
     stage = "train"
+    rec: dict[str, Any] = {}  # what training recorded; kept when an eval then fails
+    t_train, before = None, 0.0  # set while training, for the wall time of a run that fails
     try:
         drift = config_drift(run_dir, cfg)
         if drift:
@@ -270,17 +280,17 @@ def run_one(
         if is_finished(run_dir, cfg.steps):
             step = latest_checkpoint(run_dir)
             say(f"skipped training (finished at step {step})")
-            rec = {}
         else:
             last = latest_checkpoint(run_dir)
             start = 0 if last is None else last
             verb = "resuming" if last else "training"
             say(f"{verb} (step {start} -> {cfg.steps})")
             update_status(sweep_dir, run.name, status="running", error=None, traceback=None)
-            t0 = time.perf_counter()
-            summary = train_run(copy.deepcopy(cfg))
-            wall = time.perf_counter() - t0
             before = float(prev.get("train_wall_s") or 0.0) if last else 0.0
+            t_train = time.perf_counter()
+            summary = train_run(copy.deepcopy(cfg))
+            wall = time.perf_counter() - t_train
+            t_train = None
             rec = {
                 "train_wall_s": round(before + wall, 3),
                 "start_step": int(summary.get("start_step", start)),
@@ -321,7 +331,13 @@ def run_one(
     except SweepInterrupted:
         raise
     except KeyboardInterrupt:
-        update_status(sweep_dir, run.name, status="interrupted", stage=stage)
+        update_status(
+            sweep_dir,
+            run.name,
+            status="interrupted",
+            stage=stage,
+            **{**rec, **_wall(t_train, before)},
+        )
         raise
     except Exception as e:
         err = _one_line(e)
@@ -332,6 +348,7 @@ def run_one(
             stage=stage,
             error=err,
             traceback=traceback.format_exc()[-4000:],
+            **{**rec, **_wall(t_train, before)},
         )
         say(f"FAILED ({stage}): {err}")
         return "failed"

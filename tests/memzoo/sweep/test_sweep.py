@@ -3,6 +3,7 @@ a tiny 2-run sweep end to end, and the report's plots."""
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -288,6 +289,37 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert "## Failed runs" in report and "`d32`: RuntimeError: out of memory" in report
 
 
+def test_a_failed_run_keeps_its_training_wall_time_and_record(tmp_path, monkeypatch):
+    """A run that fails in training records the time it trained (added to an earlier
+    session's), and one that fails in its evals keeps what its training recorded."""
+    sweep = _sweep(overrides=TINY, grid={"model.d_model": [16, 32]}, evals=[TINY_MQAR_EVAL])
+    sweep_dir = tmp_path / "t"
+    resumed = sweep_dir / "runs" / "d32" / "checkpoints" / "2"  # an earlier session's step 2
+    resumed.mkdir(parents=True)
+    sweep_runner.update_status(sweep_dir, "d32", status="interrupted", train_wall_s=100.0)
+
+    def fake_train(cfg):
+        time.sleep(0.05)
+        if cfg.model.d_model == 32:
+            raise FloatingPointError("non-finite gradient at step 3")
+        return {"start_step": 0, "final_step": cfg.steps, "losses": [1.0], "params": 123}
+
+    def failing_eval(task, run_dir, overrides):
+        raise RuntimeError("eval broke")
+
+    monkeypatch.setattr(sweep_runner, "train_run", fake_train)
+    monkeypatch.setattr(sweep_runner, "eval_run", failing_eval)
+    res = sweep_runner.run_sweep(sweep, tmp_path, say=lambda m: None, report=False)
+    assert res["outcomes"] == {"d16": "failed", "d32": "failed"}
+    status = json.loads((sweep_dir / "status.json").read_text())["runs"]
+    d16, d32 = status["d16"], status["d32"]
+    assert d32["stage"] == "train" and "non-finite gradient" in d32["error"]
+    assert 100.05 <= d32["train_wall_s"] < 110
+    assert d16["stage"] == "eval" and d16["error"] == "RuntimeError: eval broke"
+    assert 0.05 <= d16["train_wall_s"] < 10
+    assert (d16["params"], d16["start_step"], d16["final_step"]) == (123, 0, 4)
+
+
 def test_tiny_sweep_end_to_end_resume_skip_and_report(tmp_path, monkeypatch):
     from memzoo.sweep.cli import main
     from memzoo.train.loop import train
@@ -467,7 +499,8 @@ def test_plots_say_where_a_run_stopped_and_which_step_an_eval_read(tmp_path):
 
 
 def test_an_outer_lr_set_by_a_run_names_its_loss_curve_without_an_lr_sweep():
-    """optim.lr is left out of the series labels only where lr_sweep picks it per cell."""
+    """optim.lr is left out of the series labels only where lr_sweep picks it per cell; a
+    setting only some runs change is named with its value."""
     spec = {
         "name": "lr",
         "runs": [
@@ -483,8 +516,8 @@ def test_an_outer_lr_set_by_a_run_names_its_loss_curve_without_an_lr_sweep():
     ]
     panels = loss_curve_panels(parse_sweep(spec), rows)
     assert {t: [lab for lab, _ in m] for t, m in panels.items()} == {
-        "model.d_model 64": ["gd", "0.001"],
-        "model.d_model 128": ["gd"],
+        "model.d_model 64": ["gm_algorithm=gd", "lr=0.001"],
+        "model.d_model 128": ["gm_algorithm=gd"],
     }
 
 
