@@ -21,6 +21,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -372,8 +373,15 @@ def _shared_legend(fig, axes, fontsize: float) -> None:
     )
 
 
-def _label(row: dict[str, Any], keys: list[str]) -> str:
-    return " ".join(str(row.get(k)) for k in keys if row.get(k) is not None) or "all runs"
+def _label(row: dict[str, Any], keys: list[str], named: Collection[str] = ()) -> str:
+    """The row's values of ``keys``; a key in ``named`` shows as ``name=value`` (its last
+    dotted part), for settings only some runs change, whose bare values would not say which."""
+    parts = [
+        f"{k.rsplit('.', 1)[-1]}={row[k]}" if k in named else str(row[k])
+        for k in keys
+        if row.get(k) is not None
+    ]
+    return " ".join(parts) or "all runs"
 
 
 def accuracy_metric(sweep: Sweep, cols: list[str]) -> str | None:
@@ -507,14 +515,18 @@ def loss_curve_panels(
         for k in keys
         if k not in panel_keys and any(len({r.get(k) for r in rs}) > 1 for rs in cells.values())
     ]
-    unique = all(len({_label(r, series_keys) for r in rs}) == len(rs) for rs in cells.values())
+    sparse = {k for k in series_keys if any(r.get(k) is None for r in rows)}  # set by some runs
+
+    def label(r: dict[str, Any]) -> str:
+        return _label(r, series_keys, sparse)
+
+    unique = all(len({label(r) for r in rs}) == len(rs) for rs in cells.values())
     by_name = not (panel_keys and series_keys and unique)
     panels = {}
     for cell in sorted(cells, key=lambda c: [(v is None, _number(v) or 0) for v in c]):
         title = " ".join(f"{k} {v}" for k, v in zip(panel_keys, cell))
         panels[title] = [
-            ((r["run"] if by_name else _label(r, series_keys)) + _stopped(r), r)
-            for r in cells[cell]
+            ((r["run"] if by_name else label(r)) + _stopped(r), r) for r in cells[cell]
         ]
     return panels
 
