@@ -9,6 +9,12 @@ training stream, summed (root of the sum of squares) per block and sublayer, e.g
 
     python experiments/grad_norms.py RUN_DIR                   # latest checkpoint, 2 batches
     python experiments/grad_norms.py RUN_DIR --step 250 --batches 3 --top 8
+    python experiments/grad_norms.py RUN_DIR --step 250 --spans 64   # per 64-token span
+
+``--spans L`` splits each batch's loss by position: the gradient of the loss on the targets at
+positions [0, L), [L, 2L), ... alone (the inputs are the whole rows; a causal model's loss in
+a span sees every earlier token). With L = ``model.titans_segment`` this says whether the
+gradient grows with the number of memory segments a target's loss is read through.
 
 It reads the checkpoint's parameters only and trains nothing; the batches are the start of
 the stream (MQAR rows are generated, so any batch is a fair sample), not the batch of the
@@ -24,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 import memzoo
@@ -62,12 +69,29 @@ def group_norms(norms: dict[str, float]) -> dict[str, float]:
     return {k: math.sqrt(v) for k, v in sq.items()}
 
 
+def span_batches(batch: dict[str, Any], span: int) -> list[tuple[int, int, dict[str, Any]]]:
+    """``[(start, end, batch with loss_mask zero outside [start, end))]`` for consecutive
+    ``span``-token spans of the rows; the masks add up to the batch's own."""
+    if span < 1:
+        raise ValueError(f"--spans must be >= 1, got {span}")
+    T = batch["loss_mask"].shape[1]
+    out = []
+    for start in range(0, T, span):
+        end = min(start + span, T)
+        pos = jnp.arange(T)
+        keep = ((pos >= start) & (pos < end))[None, :]
+        mask = jnp.where(keep, batch["loss_mask"], jnp.zeros_like(batch["loss_mask"]))
+        out.append((start, end, {**batch, "loss_mask": mask}))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--top", type=int, default=6, help="largest single parameters to list")
+    ap.add_argument("--spans", type=int, default=0, help="also per span of this many tokens")
     args = ap.parse_args()
 
     model, cfg = memzoo.load(args.run_dir, args.step)
@@ -92,6 +116,21 @@ def main() -> None:
         print(f"  largest {args.top}:")
         for name, v in sorted(norms.items(), key=lambda kv: -kv[1])[: args.top]:
             print(f"  {v:12.4g}  {name}")
+        if args.spans:
+            print(f"  per {args.spans}-token span of targets (loss, gradient norm, largest parts):")
+        for start, end, part in span_batches(batch, args.spans) if args.spans else []:
+            n = int(part["loss_mask"].sum())
+            if n == 0:
+                print(f"  [{start:4d}, {end:4d})  no loss targets")
+                continue
+            loss, grads = grad(state, part)
+            groups = group_norms(param_norms(grads))
+            top = sorted(groups.items(), key=lambda kv: -kv[1])[:2]
+            print(
+                f"  [{start:4d}, {end:4d})  {n:5d} targets  loss {float(loss):.4f}  "
+                f"gradient norm {float(optax.global_norm(grads)):.4g}  "
+                + ", ".join(f"{k} {v:.3g}" for k, v in top)
+            )
 
 
 if __name__ == "__main__":

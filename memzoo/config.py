@@ -94,6 +94,7 @@ class ModelConfig:
     gm_eta_max: float | None = None
     titans_memory: str = "titans_lmm"
     titans_segment: int = 512
+    titans_detach: bool = False
     titans_persistent: int = 16
 
 

@@ -48,6 +48,13 @@ Choices (ours, documented where they differ from a literal reading):
   stack; no FFN between): m = M(x), o = m + SW-Attn([P ; RMSNorm(x + m)]). The block adds o to
   its residual stream, so it sees x + m + attention, as two stacked sublayers would give.
 * Sliding-window attention uses ``model.attn_window`` (0 = full causal attention).
+* ``model.titans_detach`` (MAC, ours; off by default): truncated backpropagation through
+  segments, as Transformer-XL stops the gradient into its cached previous segment. At each
+  segment start the carried state is replaced by ``M_0 + stop_gradient(M_{n-1} - M_0)`` (M_0
+  the memory's learned initial weights): the forward pass is unchanged, no gradient flows into
+  earlier segments' writes, and M_0 keeps its gradient. Measured motive: in mqar_zoo's failing
+  MAC cells the outer gradient of the loss on segment n grows about 10-1e4x per segment
+  (experiments/README.md, titans_mac_stability).
 
 Decoding. MAG / MAL carry ``{"attn": KV cache {"k", "v", "pos"} of max_len, "mem": the memory
 layer's cache}``. MAC carries ``{"conv": conv tail of the x stream, "conv_y": of the y stream,
@@ -289,6 +296,19 @@ def _reset_rows(cond: Array, fresh: dict, state: dict) -> dict:
     return out
 
 
+def _detach_state(state: dict, init: dict) -> dict:
+    """``init + stop_gradient(state - init)`` leaf by leaf: the value of ``state``, with no
+    gradient into whatever wrote it; the initial weights ``init`` (the memory's parameters)
+    keep the identity path, so a fresh state passes through unchanged."""
+
+    def one(s: Array, i: Array) -> Array:
+        if not jnp.issubdtype(s.dtype, jnp.inexact):
+            return s
+        return i + lax.stop_gradient(s - i)
+
+    return jax.tree.map(one, state, init)
+
+
 def _memory_output(layer: MemoryLayer, o: Array, src: Array) -> Array:
     """Memory output o [B,T,H,dv] -> d_model through the layer's (gated) norm and W_o, the gate
     computed from ``src``."""
@@ -326,6 +346,7 @@ class TitansMAC(nnx.Module):
         attn_heads: int,
         attn_kv_heads: int | None = None,
         segment: int = 512,
+        detach: bool = False,
         num_persistent: int = 16,
         memory: str = "titans_lmm",
         rope_theta: float = 10000.0,
@@ -339,6 +360,7 @@ class TitansMAC(nnx.Module):
         if segment < 1:
             raise ValueError(f"TitansMAC: segment must be >= 1, got {segment}")
         self.segment = segment
+        self.detach = detach
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mem = _memory_layer(memory, d_model, dict(norm_eps=norm_eps, **layer_kw, **kw))
@@ -385,6 +407,8 @@ class TitansMAC(nnx.Module):
         if docs is not None:
             fresh = memory.init_state(B)
             mem = _reset_rows(docs["new"], fresh, mem)
+        if self.detach and isinstance(r, int) and r == 0:
+            mem = _detach_state(mem, memory.init_state(B) if fresh is None else fresh)
         if isinstance(r, int):
             mem0 = mem if r == 0 else carry["state0"]
         else:
@@ -700,6 +724,6 @@ def build_titans(kind: str, cfg: Any, layer_idx: int, *, dtype, param_dtype, rng
         gm_overrides=gm_overrides(cfg),
     )
     if kind == "titans_mac":
-        return TitansMAC(segment=cfg.titans_segment, **common)
+        return TitansMAC(segment=cfg.titans_segment, detach=cfg.titans_detach, **common)
     cls = TitansMAG if kind == "titans_mag" else TitansMAL
     return cls(window=cfg.attn_window, **common)

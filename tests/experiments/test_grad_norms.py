@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 from experiment_scripts import load_script
@@ -50,3 +51,35 @@ def test_norms_of_a_titans_mac_gradient_add_up_to_the_global_norm():
     assert total > 0 and math.isfinite(float(loss))
     assert math.isclose(math.sqrt(sum(v * v for v in groups.values())), total, rel_tol=1e-5)
     assert math.isclose(math.sqrt(sum(v * v for v in norms.values())), total, rel_tol=1e-5)
+
+
+def test_span_gradients_add_up_to_the_whole_batch_gradient():
+    """--spans: the spans' masks partition the batch's, so the count-weighted span gradients
+    sum to the gradient of the whole batch's mean loss."""
+    cfg = load_config(
+        REPO / "configs" / "train" / "mqar_tiny.yaml",
+        ["model=titans_mac", "model.n_layers=1", "model.d_model=32", "seq_len=64", "batch_size=2"],
+    )
+    cfg.model.vocab_size = build_tokenizer(cfg.data).vocab_size
+    model = build_model(cfg.model, seed=0)
+    data = make_train_iterator(cfg.data, None, batch_size=2, seq_len=64, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in next(data).items()}
+    parts = gn.span_batches(batch, 24)  # an uneven split: 24, 24, 16
+    assert [(a, b) for a, b, _ in parts] == [(0, 24), (24, 48), (48, 64)]
+    masks = [p["loss_mask"] for _, _, p in parts]
+    assert bool((sum(m.astype(jnp.int32) for m in masks) == batch["loss_mask"]).all())
+    assert sum(float(m.sum()) > 0 for m in masks) >= 2  # the sum below mixes spans
+    graphdef, state = nnx.split(model)
+    grad = make_loss_grad(graphdef)
+    _, whole = grad(state, batch)
+    total = float(batch["loss_mask"].sum())
+    summed = None
+    for m, (_, _, part) in zip(masks, parts):
+        n = float(m.sum())
+        if n == 0:
+            continue
+        _, g = grad(state, part)
+        g = jax.tree.map(lambda x, w=n / total: w * x, g)
+        summed = g if summed is None else jax.tree.map(jnp.add, summed, g)
+    diff = float(optax.global_norm(jax.tree.map(jnp.subtract, summed, whole)))
+    assert diff <= 1e-5 * float(optax.global_norm(whole))

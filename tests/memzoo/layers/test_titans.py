@@ -179,3 +179,36 @@ def test_model_configs_resolve(kind):
     assert cfg.titans_segment == 64 and cfg.titans_persistent == 4
     big = load_config(None, [f"model={kind}:170m", "model.vocab_size=61"]).model
     assert big.titans_segment == 512 and big.titans_persistent == 16
+
+
+def test_mac_detach_keeps_the_forward_and_stops_the_gradient_across_segments():
+    """model.titans_detach: the same output; the loss on the second segment has no gradient
+    into the first segment's tokens through the carried memory state (the short conv is off
+    here: its K-1 tokens of history are the one other path across a segment boundary), while
+    the memory's initial weights still get one."""
+    s = setup("titans_mac")
+
+    def build(detach):
+        cfg = ModelConfig(**SMALL, titans_detach=detach, use_short_conv=False)
+        mod = build_titans(
+            "titans_mac", cfg, 0, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
+        )
+        gd, st = nnx.split(mod)
+        out = jit(lambda st, x: nnx.merge(gd, st)(x)[0])(st, s.x)
+
+        def seg2(st, x):  # a loss on the second segment's outputs only
+            return jnp.sum(nnx.merge(gd, st)(x)[0][:, 8:16] ** 2)
+
+        return mod, out, jit(jax.grad(seg2, argnums=(0, 1)))(st, s.x)
+
+    det, out, (g_st, g_x) = build(True)
+    plain, ref, (_, g_x0) = build(False)
+    assert det.detach and not plain.detach and not s.mod.detach
+    assert rel(out, ref) < 1e-6
+    assert float(jnp.abs(g_x0[:, :8]).max()) > 0  # the carried state's path, without detach
+    assert float(jnp.abs(g_x[:, :8]).max()) == 0.0
+    assert float(jnp.abs(g_x[:, 8:16]).max()) > 0
+    grads = {"/".join(map(str, p)): v.get_value() for p, v in g_st.flat_state()}
+    init = [k for k in grads if k.startswith("mem/memory/")]
+    assert init and len(init) == len(nnx.state(det.mem.memory, nnx.Param).flat_state())
+    assert all(float(jnp.abs(grads[k]).max()) > 0 for k in init), init
