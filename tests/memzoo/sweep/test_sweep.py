@@ -202,7 +202,6 @@ def test_titans_mac_stability_reruns_mqar_zoo_cells_with_one_setting_changed(tmp
         "titans_mac_d64_T256_kv16_titans_segment-256": {"model.titans_segment": (64, 256)},
         "titans_mac_d64_T256_kv16_titans_detach-true": {"model.titans_detach": (False, True)},
         "titans_mac_d128_T128_kv8_titans_detach-true": {"model.titans_detach": (False, True)},
-        "titans_mac_d128_T256_kv16_titans_detach-true": {"model.titans_detach": (False, True)},
     }
     assert [r.name for r in runs] == list(expected)
     for run in runs:
