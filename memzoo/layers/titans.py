@@ -52,9 +52,10 @@ Choices (ours, documented where they differ from a literal reading):
   segments, as Transformer-XL stops the gradient into its cached previous segment. At each
   segment start the carried state is replaced by ``M_0 + stop_gradient(M_{n-1} - M_0)`` (M_0
   the memory's learned initial weights): the forward pass is unchanged, no gradient flows into
-  earlier segments' writes, and M_0 keeps its gradient. Measured motive: in mqar_zoo's failing
-  MAC cells the outer gradient of the loss on segment n grows about 10-1e4x per segment
-  (experiments/README.md, titans_mac_stability).
+  earlier segments' writes, and M_0 keeps its gradient. Measured (experiments/README.md,
+  titans_mac_stability): in mqar_zoo's failing MAC cells the outer gradient of the loss on a
+  later segment is orders of magnitude larger than on the first; detaching keeps it at a
+  stable run's scale for ~250 steps there, then it grows anyway, so it is not a fix.
 
 Decoding. MAG / MAL carry ``{"attn": KV cache {"k", "v", "pos"} of max_len, "mem": the memory
 layer's cache}``. MAC carries ``{"conv": conv tail of the x stream, "conv_y": of the y stream,
