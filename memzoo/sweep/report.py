@@ -384,6 +384,11 @@ def _label(row: dict[str, Any], keys: list[str], named: Collection[str] = ()) ->
     return " ".join(parts) or "all runs"
 
 
+def _set_by_some(keys: list[str], rows: list[dict[str, Any]]) -> set[str]:
+    """The keys some rows leave unset: series labels name them (``_label``'s ``named``)."""
+    return {k for k in keys if any(r.get(k) is None for r in rows)}
+
+
 def accuracy_metric(sweep: Sweep, cols: list[str]) -> str | None:
     means = [c for c in cols if c.count(".") == 1]
     if sweep.select.metric in means and "acc" in sweep.select.metric:
@@ -415,7 +420,8 @@ def plot_accuracy_vs_width(
         if all(len({r.get(k) for r in pts if r.get(facet) == f}) == 1 for f in facets)
     ]
     series_keys = [k for k in others if k not in dependent]
-    labels = sorted({_label(r, series_keys) for r in pts})
+    named = _set_by_some(series_keys, pts)
+    labels = sorted({_label(r, series_keys, named) for r in pts})
     plt = _pyplot()
     styles = series_styles(labels, plt)
     widths = sorted({r[width] for r in pts})
@@ -432,7 +438,9 @@ def plot_accuracy_vs_width(
     for ax, f in zip(axes[0], facets):
         sub = [r for r in pts if r.get(facet) == f]
         for lab in labels:
-            line = sorted((r for r in sub if _label(r, series_keys) == lab), key=lambda r: r[width])
+            line = sorted(
+                (r for r in sub if _label(r, series_keys, named) == lab), key=lambda r: r[width]
+            )
             if line:
                 ax.plot(
                     [r[width] for r in line],
@@ -515,10 +523,10 @@ def loss_curve_panels(
         for k in keys
         if k not in panel_keys and any(len({r.get(k) for r in rs}) > 1 for rs in cells.values())
     ]
-    sparse = {k for k in series_keys if any(r.get(k) is None for r in rows)}  # set by some runs
+    named = _set_by_some(series_keys, rows)
 
     def label(r: dict[str, Any]) -> str:
-        return _label(r, series_keys, sparse)
+        return _label(r, series_keys, named)
 
     unique = all(len({label(r) for r in rs}) == len(rs) for rs in cells.values())
     by_name = not (panel_keys and series_keys and unique)
