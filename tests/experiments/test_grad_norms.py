@@ -30,15 +30,20 @@ def test_group_of_splits_blocks_by_sublayer_and_a_mixer_by_part():
     assert gn.group_of("embed/embedding") == "embed"
 
 
-def test_norms_of_a_titans_mac_gradient_add_up_to_the_global_norm():
+def tiny_mac(n_layers: int, batch_size: int):
+    """A d_model-32 Titans MAC LM (seed 0) and the first batch of its 64-token MQAR stream."""
     cfg = load_config(
         REPO / "configs" / "train" / "mqar_tiny.yaml",
-        ["model=titans_mac", "model.n_layers=2", "model.d_model=32", "seq_len=64", "batch_size=4"],
+        ["model=titans_mac", f"model.n_layers={n_layers}", "model.d_model=32", "seq_len=64"],
     )
     cfg.model.vocab_size = build_tokenizer(cfg.data).vocab_size
     model = build_model(cfg.model, seed=0)
-    data = make_train_iterator(cfg.data, None, batch_size=4, seq_len=64, seed=0)
-    batch = {k: jnp.asarray(v) for k, v in next(data).items()}
+    data = make_train_iterator(cfg.data, None, batch_size=batch_size, seq_len=64, seed=0)
+    return model, {k: jnp.asarray(v) for k, v in next(data).items()}
+
+
+def test_norms_of_a_titans_mac_gradient_add_up_to_the_global_norm():
+    model, batch = tiny_mac(n_layers=2, batch_size=4)
     graphdef, state = nnx.split(model)
     loss, grads = make_loss_grad(graphdef)(state, batch)
     norms = gn.param_norms(grads)
@@ -56,14 +61,7 @@ def test_norms_of_a_titans_mac_gradient_add_up_to_the_global_norm():
 def test_span_gradients_add_up_to_the_whole_batch_gradient():
     """--spans: the spans' masks partition the batch's, so the count-weighted span gradients
     sum to the gradient of the whole batch's mean loss."""
-    cfg = load_config(
-        REPO / "configs" / "train" / "mqar_tiny.yaml",
-        ["model=titans_mac", "model.n_layers=1", "model.d_model=32", "seq_len=64", "batch_size=2"],
-    )
-    cfg.model.vocab_size = build_tokenizer(cfg.data).vocab_size
-    model = build_model(cfg.model, seed=0)
-    data = make_train_iterator(cfg.data, None, batch_size=2, seq_len=64, seed=0)
-    batch = {k: jnp.asarray(v) for k, v in next(data).items()}
+    model, batch = tiny_mac(n_layers=1, batch_size=2)
     parts = gn.span_batches(batch, 24)  # an uneven split: 24, 24, 16
     assert [(a, b) for a, b, _ in parts] == [(0, 24), (24, 48), (48, 64)]
     masks = [p["loss_mask"] for _, _, p in parts]
